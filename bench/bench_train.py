@@ -1,0 +1,113 @@
+"""Training throughput: the Ray Train job loop vs a bare PyTorch loop, and a zoo run concurrently vs serially.
+
+    python bench/bench_train.py                 # both figures, on a simulated dataset
+    python bench/bench_train.py --only loop     # just the loop ratio
+
+Loop: the same model (CLA on regnetx_002, 48 px cells), data (the store's training folds, in
+memory), batch size and threads; cells/s of training epochs after the first (warm-up). Zoo: the
+quick zoo for one epoch, all jobs as Ray schedules them vs ``max_concurrent=1``. Both are
+measured in the same run, so the ratios hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from torch.utils.data import DataLoader
+
+from ensemble import tracking
+from ensemble.data.cells import CellStore, prepare
+from ensemble.data.datasets import CellDataset
+from ensemble.data.synthetic import simulate
+from ensemble.trainers.fit import RunContext, trainer_for
+from ensemble.trainers.loop import _criterion, build_model
+from ensemble.trainers.spec import ModelSpec, TrainSettings, load_zoo
+from ensemble.trainers.zoo import train_zoo
+
+THREADS = 2
+
+
+def bare_loop(spec: ModelSpec, store: CellStore, fold: int, epochs: int) -> list[float]:
+    """Cells/s per epoch of a plain PyTorch loop over the same data, model and settings."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    train_folds = sorted(set(store.cells["fold"].unique()) - {fold})
+    dataset = CellDataset(store, folds=train_folds, in_memory=True)
+    rates = store.labels("weak")[store.cells["fold"].to_numpy() != fold].mean(axis=0)
+    model, criterion = build_model(spec), _criterion(spec, rates)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.lr)
+    speeds = []
+    for epoch in range(epochs):
+        loader = DataLoader(dataset, batch_size=spec.train.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(epoch))
+        model.train()
+        started = time.perf_counter()
+        for batch in loader:
+            loss = criterion(model(batch["image"]), batch["target"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        speeds.append(len(dataset) / (time.perf_counter() - started))
+    return speeds
+
+
+def ray_loop(spec: ModelSpec, ctx: RunContext, fold: int) -> list[float]:
+    result = trainer_for(spec, fold, ctx, name=f"bench-loop-{time.time_ns()}").fit()
+    return [h["cells_per_second"] for h in result.return_value["history"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--only", choices=["loop", "zoo"], default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    simulate(work / "data", n_images=args.images, seed=0, size=384)
+    ray.init(num_cpus=2, log_to_driver=False)
+    prepare(str(work / "data"), str(work / "store"), size=48, n_folds=3, progress=False)
+    store = CellStore(str(work / "store"))
+    uri = f"sqlite:///{work}/mlflow.db"
+    ctx = RunContext(zoo="bench", store=str(work / "store"), workdir=str(work / "runs"),
+                     experiment_id=tracking.ensure_experiment("bench", uri), tracking_uri=uri, fingerprint="bench")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
+          f"available, {len(store)} cells")
+    if args.only in (None, "loop"):
+        spec = ModelSpec(name="cla_regnet", head="cla", backbone="regnetx_002", image_size=48,
+                         train=TrainSettings(epochs=args.epochs, batch_size=48, lr=1e-3, augment=0.0, patience=99,
+                                             in_memory=True, torch_threads=THREADS, cpus_per_worker=2.0))
+        # Interleave, so drift of the machine's speed hits both loops alike.
+        bare, inside = [], []
+        for _ in range(2):
+            bare += bare_loop(spec, store, 0, args.epochs)[1:]
+            inside += ray_loop(spec, ctx, 0)[1:]
+        b, r = statistics.median(bare), statistics.median(inside)
+        print("\n| loop | cells/s (median of epochs after the first) | ratio to bare |\n|---|---:|---:|")
+        print(f"| bare PyTorch | {b:.0f} | 1.00 |\n| Ray Train job (1 worker) | {r:.0f} | {r / b:.2f} |")
+    if args.only in (None, "zoo"):
+        zoo = load_zoo("quick", overrides={"epochs": 1})
+        times = {}
+        for label, limit in (("concurrent (as Ray schedules)", None), ("one job at a time", 1)):
+            # A fresh experiment and workdir each, so nothing is skipped as done.
+            name = f"zoo-{limit}"
+            started = time.perf_counter()
+            train_zoo(dataclasses.replace(zoo, name=name), str(work / "store"), str(work / name), tracking_uri=uri,
+                      progress=False, max_concurrent=limit)
+            times[label] = time.perf_counter() - started
+        serial = times["one job at a time"]
+        print(f"\n| quick zoo, 1 epoch, {len(zoo.models) * 3} jobs | wall s | speed-up vs serial |\n|---|---:|---:|")
+        for label, seconds in times.items():
+            print(f"| {label} | {seconds:.0f} | {serial / seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

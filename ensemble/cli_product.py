@@ -1,0 +1,101 @@
+"""The product commands of the ``ensemble`` CLI: register, predict, evaluate.
+
+    ensemble register --experiment NAME --spec ensemble.json [--name hpa-ensemble]
+    ensemble predict IMAGES --model models:/hpa-ensemble@champion --out preds.parquet|submission.csv
+    ensemble evaluate PREDICTIONS DATA
+
+``cli.py`` wires them in with :func:`add_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ensemble.labels import CHANNELS
+
+
+def cmd_register(args) -> int:
+    import tempfile
+
+    from ensemble import tracking
+    from ensemble.registry import Preprocessing, member_checkpoints, needed_models, register_ensemble
+    from ensemble.selectors import EnsembleSpec
+
+    spec = EnsembleSpec.from_json(args.spec)
+    uri = tracking.tracking_uri(args.tracking_uri)
+    with tempfile.TemporaryDirectory() as downloads:
+        members = member_checkpoints(args.experiment, needed_models(spec), uri, dst=downloads)
+        stores = {m.store for m in members.values()} - {None}
+        store = args.store or (stores.pop() if len(stores) == 1 else None)
+        if store is None:
+            raise ValueError(f"cannot tell which cell store the members trained on "
+                             f"({sorted(stores) or 'none recorded'}); give --store")
+        version = register_ensemble(spec, members, Preprocessing.from_store(store), tracking_uri=uri, name=args.name,
+                                    alias=args.alias, experiment=args.experiment, integrity_dir=args.integrity)
+    print(f"registered {args.name} version {version.version} as @{args.alias} "
+          f"({len(members)} models: {', '.join(members)}) in {uri}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import mlflow
+
+    from ensemble.predict import predict_images
+
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    root, split = image_root(args.images, args.split)
+    ids = Path(args.ids).read_text().split() if args.ids else None
+    result = predict_images(args.model, root, ids, split=split, out=args.out, engine=args.engine,
+                            batch_size=args.batch_size, num_workers=args.workers)
+    print(result.summary())
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ensemble.evaluate import evaluate
+
+    print(evaluate(args.predictions, args.data, iou=args.iou, plot=args.plot).report())
+    return 0
+
+
+def image_root(images: str, split: str) -> tuple[str, str]:
+    """``(root, split)`` of IMAGES: a dataset root holding ``{split}/``, or the image folder itself."""
+    path = Path(images)
+    if not (path / split).is_dir() and any(path.glob(f"*_{CHANNELS[0]}.png")):
+        return str(path.parent), path.name
+    return images, split
+
+
+def add_commands(subparsers) -> None:
+    """Add ``register``, ``predict`` and ``evaluate`` to the CLI's subparsers."""
+    p = subparsers.add_parser("register", help="register the selected ensemble as an MLflow model with an alias")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the training runs")
+    p.add_argument("--spec", required=True, help="ensemble spec JSON written by `ensemble select`")
+    p.add_argument("--name", default="hpa-ensemble", help="registered model name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--store", default=None, help="cell store the members trained on (default: from their runs)")
+    p.add_argument("--integrity", default=None, help="VID model directory (integrity weighting)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser("predict", help="per-cell probabilities (parquet) or a Kaggle submission (csv)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="dataset root holding SPLIT/, or a folder of {ID}_{red,green,blue,yellow}.png")
+    p.add_argument("--model", default="models:/hpa-ensemble@champion")
+    p.add_argument("--out", required=True, help="*.parquet (one row per cell) or *.csv (submission)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--ids", default=None, help="file of image IDs, whitespace-separated (default: all)")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="images per network batch")
+    p.add_argument("--workers", type=int, default=None, help="Ray segmentation actors")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="cell mAP and competition mAP of predictions against DATA/truth")
+    p.add_argument("predictions", help="preds.parquet or submission.csv")
+    p.add_argument("data", help="dataset root with truth/")
+    p.add_argument("--iou", type=float, default=0.6)
+    p.add_argument("--plot", default=None, help="per-class bar plot PNG (default: beside PREDICTIONS)")
+    p.set_defaults(func=cmd_evaluate)

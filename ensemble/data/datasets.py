@@ -1,0 +1,195 @@
+"""PyTorch datasets over a cell store: single cells (CLA, CLH) and bags of an image's cells (DSA).
+
+Crops are read by row from the store's shards without loading whole shards; the store's file
+handles are opened lazily and never pickled, so every DataLoader worker opens its own. With
+``in_memory=True`` the selected crops are read once up front instead (fast for small stores).
+
+A ``transform`` is an albumentations-style callable, ``transform(image=hwc)["image"]``, applied to
+each (S, S, 4) crop before it becomes a (4, S, S) float32 tensor in [0, 1]
+(see :func:`ensemble.data.augment.build_augment`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ensemble.data.cells import CellStore
+
+
+def _open(store: CellStore | str) -> CellStore:
+    return store if isinstance(store, CellStore) else CellStore(store)
+
+
+def _fold_rows(store: CellStore, folds: Iterable[int] | None) -> np.ndarray:
+    """Store rows of the cells in ``folds`` (all cells if None), in store order."""
+    if folds is None:
+        return np.arange(len(store), dtype=np.int64)
+    return np.flatnonzero(np.isin(store.table.column("fold").to_numpy(), list(folds))).astype(np.int64)
+
+
+class _Crops:
+    """Crops of a fixed list of store rows, read by position in that list."""
+
+    def __init__(self, store: CellStore, rows: np.ndarray, in_memory: bool):
+        self.store = store
+        self.shard = store.table.column("shard").to_numpy()[rows]
+        self.row = store.table.column("row").to_numpy()[rows]
+        self.memory = store.read_crops(self.shard, self.row) if in_memory else None
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        if self.memory is not None:
+            return self.memory[positions]
+        return self.store.read_crops(self.shard[positions], self.row[positions])
+
+
+def _to_tensor(crop: np.ndarray, transform: Callable | None) -> torch.Tensor:
+    """(4, S, S) integer crop -> (4, S, S) float32 tensor in [0, 1], after the transform."""
+    top = np.float32(np.iinfo(crop.dtype).max)
+    if transform is not None:
+        crop = transform(image=np.ascontiguousarray(crop.transpose(1, 2, 0)))["image"].transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32) / top)
+
+
+class CellDataset(Dataset):
+    """Single cells with their labels.
+
+    Parameters
+    ----------
+    store : CellStore or str
+    rows : array of int, optional
+        Store rows to use (row i = row i of cells.parquet). Exclusive with ``folds``.
+    folds : iterable of int, optional
+        Use the cells of these folds. Neither ``rows`` nor ``folds``: every cell.
+    labels : str
+        Label version: "weak" (image labels), "truth" (NaN where a cell has no true match), or
+        one written with ``CellStore.write_labels``.
+    transform : callable, optional
+    in_memory : bool
+        Read all selected crops up front.
+
+    Items are dicts: ``image`` (4, S, S) float32, ``target`` (19,) float32, ``index`` (the store
+    row, to join predictions back to cells.parquet).
+    """
+
+    def __init__(
+        self,
+        store: CellStore | str,
+        rows: np.ndarray | None = None,
+        folds: Iterable[int] | None = None,
+        labels: str = "weak",
+        transform: Callable | None = None,
+        in_memory: bool = False,
+    ):
+        if rows is not None and folds is not None:
+            raise ValueError("give rows or folds, not both")
+        self.store = _open(store)
+        self.rows = np.asarray(rows, dtype=np.int64) if rows is not None else _fold_rows(self.store, folds)
+        self.targets = self.store.labels(labels)[self.rows]
+        self.transform = transform
+        self._crops = _Crops(self.store, self.rows, in_memory)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        crop = self._crops(np.array([i]))[0]
+        return {
+            "image": _to_tensor(crop, self.transform),
+            "target": torch.from_numpy(self.targets[i]),
+            "index": int(self.rows[i]),
+        }
+
+
+class BagDataset(Dataset):
+    """Bags of up to ``bag_size`` cells of one image, for multiple-instance heads (DSA).
+
+    In training (``train=True``) each image is one item: an image with more than ``bag_size``
+    cells contributes a random subset, drawn anew each epoch (:meth:`set_epoch`). In prediction
+    (``train=False``) an image with M cells yields ceil(M / bag_size) items that together hold
+    every cell exactly once. Bags of images with fewer cells are padded: padded slots have
+    ``valid`` False, zero crops and targets, and ``rows`` -1.
+
+    Parameters
+    ----------
+    store : CellStore or str
+    folds : iterable of int, optional
+        Images of these folds (all if None).
+    bag_size : int
+    labels : str
+        Label version of the cell targets (see :class:`CellDataset`).
+    train : bool
+    transform : callable, optional
+        Applied to every cell of a bag independently.
+    seed : int
+        Seed of the per-epoch cell sampling.
+    in_memory : bool
+        Read all selected crops up front.
+
+    Items are dicts: ``cells`` (N, 4, S, S) float32, ``valid`` (N,) bool, ``image_target``
+    (19,) float32, ``cell_targets`` (N, 19) float32, ``rows`` (N,) int64.
+    """
+
+    def __init__(
+        self,
+        store: CellStore | str,
+        folds: Iterable[int] | None = None,
+        bag_size: int = 16,
+        labels: str = "weak",
+        train: bool = True,
+        transform: Callable | None = None,
+        seed: int = 0,
+        in_memory: bool = False,
+    ):
+        if bag_size < 1:
+            raise ValueError(f"bag_size must be >= 1, got {bag_size}")
+        self.store = _open(store)
+        self.rows = _fold_rows(self.store, folds)
+        self.bag_size, self.train, self.transform, self.seed = bag_size, train, transform, seed
+        self.epoch = 0
+        self.cell_targets = self.store.labels(labels)[self.rows]
+        # Cells of an image are contiguous in the store, so an image is a run of equal ids.
+        image_ids = self.store.table.column("image_id").to_numpy(zero_copy_only=False)[self.rows]
+        starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]]) if len(image_ids) else np.zeros(0, int)
+        self.starts, self.counts = starts, np.diff(np.r_[starts, len(image_ids)])
+        self.image_ids = image_ids[starts]
+        self.image_targets = self.store.labels("weak")[self.rows[starts]]
+        bags = np.ones_like(self.counts) if train else -(-self.counts // bag_size)
+        self.items = [(image, k) for image, n in enumerate(bags) for k in range(n)]
+        self._crops = _Crops(self.store, self.rows, in_memory)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the cell subsets of this epoch (training only)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, k = self.items[i]
+        start, count, size = self.starts[image], self.counts[image], self.bag_size
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, image])
+            picked = np.sort(rng.choice(count, size=min(count, size), replace=False))
+        else:
+            picked = np.arange(k * size, min((k + 1) * size, count))
+        positions = start + picked
+        n = len(positions)
+        crops = self._crops(positions)
+        cells = torch.zeros((size, *crops.shape[1:]), dtype=torch.float32)
+        for j, crop in enumerate(crops):
+            cells[j] = _to_tensor(crop, self.transform)
+        cell_targets = np.zeros((size, self.cell_targets.shape[1]), np.float32)
+        cell_targets[:n] = self.cell_targets[positions]
+        rows = np.full(size, -1, np.int64)
+        rows[:n] = self.rows[positions]
+        return {
+            "cells": cells,
+            "valid": torch.from_numpy(np.arange(size) < n),
+            "image_target": torch.from_numpy(self.image_targets[image]),
+            "cell_targets": torch.from_numpy(cell_targets),
+            "rows": torch.from_numpy(rows),
+        }

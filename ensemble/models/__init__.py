@@ -1,0 +1,30 @@
+"""Models: timm backbones with the DSA, CLA and CLH heads of the HCPL paper."""
+
+from ensemble.models.backbones import PAPER_BACKBONES, Backbone, create_backbone, family_of
+from ensemble.models.factory import HEADS, create_model, list_heads
+from ensemble.models.heads import CLA, CLH, DSA, DualStreamOutput
+from ensemble.models.losses import LOSSES, DSALoss, FocalLoss, WeightedBCELoss, class_weights
+from ensemble.models.pooling import AvgPool, PowerNorm, WeibullActivation, WeibullPool
+
+__all__ = [
+    "PAPER_BACKBONES",
+    "HEADS",
+    "LOSSES",
+    "AvgPool",
+    "Backbone",
+    "CLA",
+    "CLH",
+    "DSA",
+    "DSALoss",
+    "DualStreamOutput",
+    "FocalLoss",
+    "PowerNorm",
+    "WeibullActivation",
+    "WeibullPool",
+    "WeightedBCELoss",
+    "class_weights",
+    "create_backbone",
+    "create_model",
+    "family_of",
+    "list_heads",
+]

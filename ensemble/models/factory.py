@@ -1,0 +1,74 @@
+"""One factory for every model: ``create_model(head, backbone, ...)``, after timm's ``create_model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ensemble.labels import NUM_CLASSES
+from ensemble.models.backbones import create_backbone
+from ensemble.models.heads import CLA, CLH, DSA
+
+# Head classes by the name model specs use (``head: dsa|cla|clh``).
+HEADS: dict[str, type[nn.Module]] = {"dsa": DSA, "cla": CLA, "clh": CLH}
+
+
+def list_heads() -> list[str]:
+    """Names accepted by :func:`create_model`'s ``head``."""
+    return sorted(HEADS)
+
+
+def create_model(
+    head: str,
+    backbone: str,
+    num_classes: int = NUM_CLASSES,
+    in_chans: int = 4,
+    pretrained: bool = False,
+    checkpoint_path: str | Path | None = None,
+    img_size: int | None = None,
+    backbone_kwargs: dict | None = None,
+    **head_kwargs,
+) -> nn.Module:
+    """Build a DSA, CLA or CLH model on any timm backbone.
+
+    Parameters
+    ----------
+    head : str
+        ``"dsa"``, ``"cla"`` or ``"clh"`` (see :data:`HEADS`).
+    backbone : str
+        timm model name; CLH needs an EfficientNet.
+    num_classes : int
+        Output classes (19 for HPA).
+    in_chans : int
+        Input channels (4: red, green, blue, yellow).
+    pretrained : bool
+        Start from timm's pretrained weights (downloads them).
+    checkpoint_path : str or Path, optional
+        Local backbone weights instead of a download (see
+        :func:`ensemble.models.backbones.create_backbone`).
+    img_size : int, optional
+        Cell size; required by CLH (its scattering filters) and fixed-size transformers unless
+        the backbone is listed in :data:`ensemble.models.backbones.PAPER_BACKBONES`.
+    backbone_kwargs : dict, optional
+        Extra ``timm.create_model`` arguments, e.g. ``{"drop_path_rate": 0.2}``.
+    **head_kwargs
+        Head arguments: ``pool``, ``per_channel``, ``drop_rate``; for CLH also ``J``, ``L``,
+        ``scatter_chs``, ``fusion_reductions``.
+
+    Returns
+    -------
+    nn.Module
+        The head module, with ``forward_features``, ``forward_head`` and ``forward``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {list_heads()}")
+    trunk = create_backbone(
+        backbone,
+        in_chans=in_chans,
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        img_size=img_size,
+        **(backbone_kwargs or {}),
+    )
+    return HEADS[head](trunk, num_classes=num_classes, **head_kwargs)

@@ -1,0 +1,177 @@
+"""Aggregating members' predictions and fusing the image stream with the cell stream per class.
+
+Paper ("Multi-stream information fusion"): for classes where the correlation ``r`` between the
+image-level and the cell-level predictions exceeds a threshold ``rho_th``, a cell's probability is
+the product of the two; for the others (classes the image stream over-labels, such as mitotic
+spindle, centrosome and aggresome) it is the cell-level prediction alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.labels import CLASS_NAMES
+
+PAPER_RHO_TH = 0.5
+"""Default ``rho_th`` of the paper's rule. The paper does not publish its value; its low-correlation
+classes sit well below 0.5 in Fig. 4a and the others above, so 0.5 separates them."""
+
+FUSION_MODES = ("fit", "paper", "off")
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """How one class is predicted, and why.
+
+    Attributes
+    ----------
+    rule : {"product", "cell"}
+        ``product``: image-stream x cell-stream probability; ``cell``: the cell stream alone.
+    correlation : float or None
+        Pearson correlation between the image and the cell stream for the class (None when there
+        is no image stream).
+    reason : str
+    ap_product, ap_cell : float or None
+        AP of each option on the rows with cell-level truth, where they were computed.
+    """
+
+    rule: str
+    correlation: float | None
+    reason: str
+    ap_product: float | None = None
+    ap_cell: float | None = None
+
+
+def aggregate(
+    predictions: Mapping[str, np.ndarray], groups: Mapping[str, Sequence[str]], weights: Mapping[str, float]
+) -> np.ndarray:
+    """Mean over groups of each group's weighted mean of its members' predictions.
+
+    One group gives the plain weighted mean; the paper's hierarchical aggregation puts DSA and
+    cell-level members in two groups, so each kind has half the say however many members it has.
+    """
+    means = []
+    for members in groups.values():
+        total = sum(weights[m] for m in members)
+        acc = np.zeros_like(predictions[members[0]], dtype=np.float32)
+        for m in members:
+            acc += np.float32(weights[m] / total) * predictions[m]
+        means.append(acc)
+    return sum(means[1:], means[0]) / np.float32(len(means))
+
+
+def stream_correlation(image: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Pearson correlation per class between image-stream and cell-stream predictions.
+
+    Parameters
+    ----------
+    image, cell : ndarray, shape (n_classes, n_cells)
+
+    Returns
+    -------
+    ndarray, shape (n_classes,)
+        0 for a class where either stream is constant.
+    """
+    out = np.zeros(image.shape[0])
+    for k in range(image.shape[0]):
+        x = image[k] - image[k].mean(dtype=np.float64)
+        y = cell[k] - cell[k].mean(dtype=np.float64)
+        denom = np.sqrt(np.dot(x, x) * np.dot(y, y))
+        out[k] = np.dot(x, y) / denom if denom > 0 else 0.0
+    return out
+
+
+def decide_fusion(
+    correlation: np.ndarray | None,
+    *,
+    mode: str,
+    rho_th: float | None = None,
+    ap_product: np.ndarray | None = None,
+    ap_cell: np.ndarray | None = None,
+    override_margin: float = 0.01,
+) -> tuple[dict[str, FusionRule], float | None]:
+    """Choose ``product`` or ``cell`` for every class.
+
+    Parameters
+    ----------
+    correlation : ndarray, shape (n_classes,), or None
+        :func:`stream_correlation` of the aggregated streams; None without an image stream.
+    mode : {"fit", "paper", "off"}
+        ``paper``: product where ``correlation > rho_th`` (default :data:`PAPER_RHO_TH`).
+        ``fit``: ``rho_th``, unless given, is the threshold maximising the mean over classes of
+        the AP of the chosen option (``ap_product`` / ``ap_cell``, measured on cell-level
+        truth), ties going to the paper's default or the nearest interval's midpoint; then a
+        class switches to the other option where that option's AP is higher by more than
+        ``override_margin``.
+        ``off``: cell stream everywhere.
+    rho_th : float, optional
+    ap_product, ap_cell : ndarray, shape (n_classes,), optional
+        Required for ``fit``; NaN for a class without positives (then the threshold decides).
+    override_margin : float
+        AP gain needed to override the threshold for one class; ``inf`` disables overrides.
+
+    Returns
+    -------
+    rules : dict of class name to FusionRule
+    rho_th : float or None
+        The threshold used (None for ``off``).
+    """
+    if mode not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {FUSION_MODES}; got {mode!r}")
+    if mode == "off":
+        return {name: FusionRule("cell", None, "fusion off") for name in CLASS_NAMES}, None
+    if correlation is None:
+        raise ValueError(f"fusion={mode!r} needs an image stream")
+    if mode == "fit":
+        if ap_product is None or ap_cell is None:
+            raise ValueError("fusion='fit' needs the AP of both options")
+        if rho_th is None:
+            rho_th = _fit_threshold(correlation, ap_product, ap_cell)
+    elif rho_th is None:
+        rho_th = PAPER_RHO_TH
+    have_aps = ap_product is not None and ap_cell is not None
+    rules = {}
+    for k, name in enumerate(CLASS_NAMES):
+        r = float(correlation[k])
+        rule = "product" if r > rho_th else "cell"
+        other = "cell" if rule == "product" else "product"
+        reason = f"r = {r:.3f} {'>' if rule == 'product' else '<='} rho_th = {rho_th:.3f}"
+        aps = dict.fromkeys(("product", "cell"))
+        if have_aps:
+            aps = {"product": float(ap_product[k]), "cell": float(ap_cell[k])}
+        if mode == "fit" and aps[other] - aps[rule] > override_margin:  # False for NaN APs
+            reason += f"; override: AP {other} {aps[other]:.3f} > {rule} {aps[rule]:.3f} + {override_margin:g}"
+            rule = other
+        rules[name] = FusionRule(rule, r, reason, ap_product=aps["product"], ap_cell=aps["cell"])
+    return rules, float(rho_th)
+
+
+def fuse(cell: np.ndarray, image: np.ndarray | None, rules: Mapping[str, FusionRule]) -> np.ndarray:
+    """Apply per-class rules: product of the streams or the cell stream, shape (n_classes, n_cells)."""
+    out = cell.astype(np.float32, copy=True)
+    for k, name in enumerate(CLASS_NAMES):
+        if rules[name].rule == "product":
+            out[k] *= image[k]
+    return out
+
+
+def _fit_threshold(correlation: np.ndarray, ap_product: np.ndarray, ap_cell: np.ndarray) -> float:
+    """The rho_th maximising the summed AP of the threshold rule (a class without positives counts 0).
+
+    Thresholds between two consecutive class correlations give the same rules, so the summed AP
+    is a step function over intervals ``[r_i, r_i+1)``. Of the best intervals, the one nearest the
+    paper's default wins, and within it the default itself if it lies inside, else the midpoint.
+    """
+    gain = np.nan_to_num(ap_product - ap_cell)  # what choosing product adds, per class
+    edges = np.r_[-1.0, np.unique(np.clip(correlation, -1.0, 1.0)), 1.0]
+    lows, highs = edges[:-1], edges[1:]
+    totals = np.array([gain[correlation > t].sum() for t in lows])
+    best = np.flatnonzero(np.isclose(totals, totals.max(), rtol=0.0, atol=1e-12))
+    inside = best[(lows[best] <= PAPER_RHO_TH) & (PAPER_RHO_TH < highs[best])]
+    if inside.size:
+        return PAPER_RHO_TH
+    mids = (lows[best] + highs[best]) / 2
+    return float(mids[np.argmin(np.abs(mids - PAPER_RHO_TH))])

@@ -1,0 +1,377 @@
+"""``select_ensemble``: the paper's diversity-based selection on OOF predictions, scored honestly.
+
+Recipe (HCPL, "Robust protein localisation using diversity-based ensembling" and "Multi-stream
+information fusion"): correlate the models' predictions, group them into blocks of correlated
+models, keep the best model of each block, average the members (flat or hierarchically: DSA
+members and cell-level members first within their kind), then per class either multiply the
+image stream into the cell stream or not, depending on how well the two streams correlate.
+
+Every choice above is tuned on the OOF rows, so its in-sample mAP flatters it. With
+``nested=True`` the whole recipe is refitted once per fold on the other folds and scored on the
+held-out fold, and the baselines (best single model, mean of all models, Caruana's greedy
+selection) are scored the same way beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from ensemble.labels import CLASS_NAMES
+from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
+from ensemble.selectors.blocks import choose_members, find_blocks
+from ensemble.selectors.correlation import PredictionMoments, prediction_moments
+from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
+from ensemble.selectors.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
+from ensemble.selectors.scoring import average_precision, map_many, mean_average_precision
+from ensemble.selectors.spec import EnsembleSpec, MethodScore
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "hierarchical")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    threshold: float | None
+    fusion: str
+    rho_th: float | None
+    override_margin: float
+    weights: Mapping[str, float]
+    aggregation: str
+    image_models: Sequence[str] | None
+
+
+def select_ensemble(
+    oof: OOFSet | Mapping[str, pd.DataFrame],
+    labels: pd.DataFrame | np.ndarray,
+    *,
+    threshold: float | None = None,
+    fusion: str = "fit",
+    rho_th: float | None = None,
+    override_margin: float = 0.01,
+    weights: Mapping[str, float] | None = None,
+    aggregation: str = "mean",
+    image_models: Sequence[str] | None = None,
+    nested: bool = True,
+    greedy: GreedyParams | bool = True,
+    tags: Mapping[str, Mapping[str, str]] | None = None,
+    n_jobs: int | None = None,
+    chunk_rows: int = 8192,
+) -> EnsembleSpec:
+    """Select a diverse ensemble from out-of-fold predictions.
+
+    Parameters
+    ----------
+    oof : OOFSet or mapping of model name to OOF table
+        See :mod:`ensemble.selectors.oof` for the table contract.
+    labels : DataFrame or ndarray
+        Cell labels (``image_id, cell_id, label_0..label_18`` [, ``fold``, ``cell_truth``]), or an
+        array (n_cells, 19) in the row order of ``oof.index``.
+    threshold : float, optional
+        Cut the model dendrogram at this distance (1 - correlation); by default the cut with the
+        best silhouette (:func:`~ensemble.selectors.blocks.find_blocks`).
+    fusion : {"fit", "paper", "off"}
+        Per-class image x cell fusion (:func:`~ensemble.selectors.fusion.decide_fusion`):
+        ``fit`` tunes ``rho_th`` and per-class overrides on the rows with cell-level truth;
+        ``paper`` applies ``correlation > rho_th`` with the paper's default; ``off`` never fuses.
+    rho_th : float, optional
+        Fixed correlation threshold (in ``fit``, only the overrides are then fitted).
+    override_margin : float
+        AP gain a class needs to override the threshold rule in ``fit``.
+    weights : mapping of model name to float, optional
+        Member weights; members not listed (and all, by default) weigh 1.
+    aggregation : {"mean", "hierarchical"}
+        ``hierarchical``: mean of the DSA members' mean and the cell-level members' mean.
+    image_models : sequence of str, optional
+        Models whose image streams are fused. Default: the members that have one, or else the
+        best-scoring model that has one.
+    nested : bool
+        Score every method out of sample (one refit per fold). Costs about ``n_folds`` times the
+        selection itself.
+    greedy : GreedyParams or bool
+        Settings of the greedy baseline; True for the defaults, False to skip it.
+    tags : mapping, optional
+        Model metadata when ``oof`` is a mapping of tables (an OOFSet carries its own).
+    n_jobs : int, optional
+        Threads for scoring models (``-1``: all cores).
+    chunk_rows : int
+        Cells per chunk when streaming the correlation.
+
+    Returns
+    -------
+    EnsembleSpec
+        Fitted on all folds; ``scores`` holds in-sample and, with ``nested``, out-of-sample mAP
+        of ``hcpl`` (this recipe), ``best_single``, ``mean_all`` and ``greedy``. The baselines
+        combine cell streams only (no image-stream fusion). When every fold makes the same
+        choices as the full fit, the pooled out-of-sample mAP equals the in-sample one.
+
+    Raises
+    ------
+    ValueError
+        On misaligned or invalid inputs (see :class:`~ensemble.selectors.oof.OOFSet`), on fusion
+        asked without an image stream or, for ``fit``, without cell-level truth, and on
+        ``nested`` with fewer than two folds.
+    """
+    oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
+    targets = align_labels(labels, oof)
+    settings = _Settings(threshold, fusion, rho_th, override_margin, dict(weights or {}), aggregation, image_models)
+    _check_settings(settings, oof, targets)
+    greedy_params = GreedyParams() if greedy is True else (greedy or None)
+    folds = oof.fold_slices()
+    if nested and len(folds) < 2:
+        raise ValueError(f"nested scoring needs at least 2 folds; the OOF has {len(folds)}")
+
+    logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
+    moments = prediction_moments(oof, chunk_rows=chunk_rows)
+    everything = slice(0, oof.n_cells)
+    spec = _fit(oof, targets, moments, everything, None, settings, n_jobs)
+    baselines, greedy_result = _fit_baselines(oof, targets, spec, everything, greedy_params, n_jobs)
+    predictions = {"hcpl": _predict(spec, oof, everything)}
+    predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
+    per_class = {m: average_precision(targets.truth, p) for m, p in predictions.items()}
+    in_sample = {m: float(np.nanmean(ap)) for m, ap in per_class.items()}
+
+    out_of_sample = {}
+    if nested:
+        out_of_sample = _nested_scores(oof, targets, moments, settings, greedy_params, list(predictions), n_jobs)
+    scores = {m: MethodScore(in_sample=in_sample[m], **out_of_sample.get(m, {})) for m in predictions}
+    return replace(
+        spec,
+        per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, per_class["hcpl"], strict=True)},
+        scores=scores,
+        greedy=greedy_result,
+    )
+
+
+def apply_spec(spec: EnsembleSpec, predictions: OOFSet | Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The ensemble's per-cell probabilities: aggregation of the members, then fusion.
+
+    A pure function of the spec and the members' predictions, used on OOF and on new images alike.
+
+    Parameters
+    ----------
+    spec : EnsembleSpec
+    predictions : OOFSet or mapping of model name to table
+        At least the members' ``cell_0..cell_18`` and, for the image models, ``image_0..image_18``
+        (``fold`` is not needed); other models are ignored.
+
+    Returns
+    -------
+    DataFrame
+        ``image_id, cell_id`` (and ``fold`` if known) and ``cell_0..cell_18``, one row per cell.
+        Visual-integrity weighting, when ``spec.integrity_weighting`` is on, is applied on top
+        by the caller.
+    """
+    members = [m for group in spec.groups.values() for m in group]
+    image_models = spec.image_models if _uses_image(spec) else []
+    if not isinstance(predictions, OOFSet):
+        needed = dict.fromkeys([*members, *image_models])
+        absent = [m for m in needed if m not in predictions]
+        if absent:
+            raise ValueError(f"predictions lack the ensemble's models {absent}")
+        predictions = OOFSet.from_frames({m: predictions[m] for m in needed}, require_fold=False)
+    absent = [m for m in members if m not in predictions.cell]
+    if absent:
+        raise ValueError(f"predictions lack the ensemble's members {absent}")
+    absent = [m for m in image_models if m not in predictions.image]
+    if absent:
+        raise ValueError(f"predictions of {absent} lack the image stream (image_0..image_18) that fusion needs")
+    fused = _predict(spec, predictions, slice(0, predictions.n_cells))
+    return pd.concat([predictions.index, pd.DataFrame(dict(zip(CELL_COLUMNS, fused, strict=True)))], axis=1)
+
+
+def _fit(
+    oof: OOFSet,
+    targets: Targets,
+    moments: PredictionMoments,
+    rows: slice | np.ndarray,
+    exclude_fold: int | None,
+    settings: _Settings,
+    n_jobs: int | None,
+) -> EnsembleSpec:
+    """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
+    corr = moments.correlation(exclude_fold=exclude_fold)
+    blocks = find_blocks(corr, settings.threshold)
+    truth = targets.truth[:, rows]
+    logger.info("scoring %d models", len(oof.models))
+    scores = map_many(truth, (oof.cell[m][:, rows] for m in oof.models), n_jobs)
+    model_map = dict(zip(oof.models, scores.tolist(), strict=True))
+    members = choose_members(blocks, model_map)
+    chosen = list(members.values())
+    weights = {m: float(settings.weights.get(m, 1.0)) for m in chosen}
+    if settings.aggregation == "hierarchical":
+        groups = {
+            "image_stream": [m for m in chosen if m in oof.image],
+            "cell_level": [m for m in chosen if m not in oof.image],
+        }
+        groups = {g: ms for g, ms in groups.items() if ms}
+    else:
+        groups = {"all": chosen}
+    cell = aggregate({m: oof.cell[m][:, rows] for m in chosen}, groups, weights)
+
+    image_models: list[str] = []
+    correlation = ap_product = ap_cell = None
+    if settings.fusion != "off":
+        image_models = list(settings.image_models or [m for m in chosen if m in oof.image])
+        if not image_models:  # no member has an image stream: borrow the best model that has one
+            image_models = [max(oof.image, key=model_map.get)]
+        image = aggregate(
+            {m: oof.image[m][:, rows] for m in image_models},
+            {"image": image_models},
+            _image_weights(settings.weights, image_models),
+        )
+        correlation = stream_correlation(image, cell)
+        scored = targets.cell_level[rows]
+        if scored.any():
+            ap_product = average_precision(truth[:, scored], (cell * image)[:, scored])
+            ap_cell = average_precision(truth[:, scored], cell[:, scored])
+        elif settings.fusion == "fit":
+            raise ValueError(f"fusion='fit' found no cell-level truth outside fold {exclude_fold} to fit on")
+    rules, rho_th = decide_fusion(
+        correlation,
+        mode=settings.fusion,
+        rho_th=settings.rho_th,
+        ap_product=ap_product,
+        ap_cell=ap_cell,
+        override_margin=settings.override_margin,
+    )
+    return EnsembleSpec(
+        models=oof.models,
+        tags=oof.tags,
+        correlation=corr,
+        blocks=blocks.blocks,
+        block_threshold=blocks.threshold,
+        block_rule=blocks.rule,
+        members=members,
+        weights=weights,
+        aggregation=settings.aggregation,
+        groups=groups,
+        image_models=image_models,
+        fusion_mode=settings.fusion,
+        rho_th=rho_th,
+        fusion=rules,
+        model_map=model_map,
+    )
+
+
+def _predict(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray) -> np.ndarray:
+    """Aggregate and fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
+    members = [m for group in spec.groups.values() for m in group]
+    cell = aggregate({m: oof.cell[m][:, rows] for m in members}, spec.groups, spec.weights)
+    image = None
+    if _uses_image(spec):
+        image = aggregate(
+            {m: oof.image[m][:, rows] for m in spec.image_models},
+            {"image": spec.image_models},
+            _image_weights(spec.weights, spec.image_models),
+        )
+    return fuse(cell, image, spec.fusion)
+
+
+def _fit_baselines(
+    oof: OOFSet,
+    targets: Targets,
+    spec: EnsembleSpec,
+    rows: slice | np.ndarray,
+    greedy_params: GreedyParams | None,
+    n_jobs: int | None,
+) -> tuple[dict[str, dict[str, float]], GreedyResult | None]:
+    """Model weights of each baseline fitted on ``rows`` (``spec`` was fitted on the same rows)."""
+    baselines = {
+        "best_single": {max(spec.model_map, key=spec.model_map.get): 1.0},
+        "mean_all": dict.fromkeys(oof.models, 1.0),
+    }
+    greedy = None
+    if greedy_params is not None:
+        logger.info("greedy baseline")
+        rows = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        if greedy_params.sample_rows is not None and greedy_params.sample_rows < rows.size:
+            rng = np.random.default_rng(greedy_params.random_state)
+            rows = np.sort(rng.choice(rows, size=greedy_params.sample_rows, replace=False))
+        sample = np.stack([oof.cell[m][:, rows] for m in oof.models])
+        greedy = greedy_selection(sample, targets.truth[:, rows], oof.models, greedy_params, n_jobs)
+        baselines["greedy"] = greedy.weights
+    return baselines, greedy
+
+
+def _weighted_mean(oof: OOFSet, weights: Mapping[str, float], rows: slice | np.ndarray) -> np.ndarray:
+    return aggregate({m: oof.cell[m][:, rows] for m in weights}, {"all": list(weights)}, weights)
+
+
+def _nested_scores(
+    oof: OOFSet,
+    targets: Targets,
+    moments: PredictionMoments,
+    settings: _Settings,
+    greedy_params: GreedyParams | None,
+    methods: list[str],
+    n_jobs: int | None,
+) -> dict[str, dict]:
+    """Per method: mAP on each held-out fold of the method fitted on the other folds, and pooled."""
+    held_out = {m: np.empty_like(targets.truth, dtype=np.float32) for m in methods}
+    fold_scores: dict[str, dict[int, float]] = {m: {} for m in methods}
+    for fold, rows in oof.fold_slices().items():
+        logger.info("nested selection: refitting without fold %d", fold)
+        train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
+        spec = _fit(oof, targets, moments, train, fold, settings, n_jobs)
+        baselines, _ = _fit_baselines(oof, targets, spec, train, greedy_params, n_jobs)
+        held_out["hcpl"][:, rows] = _predict(spec, oof, rows)
+        for method, weights in baselines.items():
+            held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
+        for m in methods:
+            fold_scores[m][fold] = mean_average_precision(targets.truth[:, rows], held_out[m][:, rows])
+    return {
+        m: {
+            "nested_folds": fold_scores[m],
+            "nested_mean": float(np.nanmean(list(fold_scores[m].values()))),
+            "nested_pooled": mean_average_precision(targets.truth, held_out[m]),
+        }
+        for m in methods
+    }
+
+
+def _image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
+    return {m: float(weights.get(m, 1.0)) for m in image_models}
+
+
+def _uses_image(spec: EnsembleSpec) -> bool:
+    return any(rule.rule == "product" for rule in spec.fusion.values())
+
+
+def _check_settings(settings: _Settings, oof: OOFSet, targets: Targets) -> None:
+    if settings.fusion not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {FUSION_MODES}; got {settings.fusion!r}")
+    if settings.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {settings.aggregation!r}")
+    if settings.rho_th is not None and not -1.0 <= settings.rho_th <= 1.0:
+        raise ValueError(f"rho_th is a correlation in [-1, 1]; got {settings.rho_th}")
+    if settings.override_margin < 0:
+        raise ValueError(f"override_margin must be >= 0; got {settings.override_margin}")
+    unknown = [m for m in settings.weights if m not in oof.cell]
+    if unknown or any(w <= 0 for w in settings.weights.values()):
+        raise ValueError(f"weights must be positive and name known models; unknown: {unknown}")
+    if not targets.truth.any():
+        raise ValueError("labels have no positive cell in any class")
+    if settings.fusion == "off":
+        return
+    if settings.image_models is not None:
+        for m in settings.image_models:
+            if m not in oof.cell:
+                raise ValueError(f"image_models: unknown model {m!r}")
+            if m not in oof.image:
+                raise ValueError(f"image_models: model {m!r} has no image stream (image_0..image_18 columns)")
+    if not oof.image:
+        raise ValueError(
+            f"fusion={settings.fusion!r} needs a model with an image stream (a DSA head's image_0..image_18 columns); "
+            f"none of the {len(oof.models)} models has one. Use fusion='off'."
+        )
+    if settings.fusion == "fit" and not targets.cell_level.any():
+        raise ValueError(
+            "fusion='fit' needs rows with cell-level truth (labels' cell_truth column); none has. "
+            "Use fusion='paper' for the paper's fixed threshold."
+        )

@@ -1,0 +1,249 @@
+"""The result of ensemble selection: :class:`EnsembleSpec`, its JSON form, report and MLflow logging."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble.selectors.baselines import GreedyResult
+from ensemble.selectors.fusion import FusionRule
+
+METHODS = ("hcpl", "best_single", "mean_all", "greedy")
+"""Scored methods: the selected ensemble and the baselines beside it."""
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """mAP of one method.
+
+    Attributes
+    ----------
+    in_sample : float
+        Fitted and scored on all OOF rows: optimistic, since the choices were tuned on them.
+    nested_folds : dict of int to float, optional
+        Per outer fold ``f``: fitted on the other folds, scored on ``f``.
+    nested_mean : float, optional
+        Mean of ``nested_folds``.
+    nested_pooled : float, optional
+        mAP of the out-of-sample predictions of all folds pooled together.
+    """
+
+    in_sample: float
+    nested_folds: dict[int, float] | None = None
+    nested_mean: float | None = None
+    nested_pooled: float | None = None
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """What :func:`~ensemble.selectors.select_ensemble` chose, and the evidence for it.
+
+    :func:`~ensemble.selectors.apply_spec` needs only ``groups``, ``weights``,
+    ``image_models`` and ``fusion``; the rest documents the choice.
+
+    Attributes
+    ----------
+    models : list of str
+        Every candidate model.
+    tags : dict of str to dict
+        Candidate -> ``head``, ``backbone``, ``family`` (reports only).
+    correlation : DataFrame
+        Pearson correlation of the candidates' cell predictions (cells x classes flattened).
+    blocks : dict of str to list of str
+        Block -> its models, in dendrogram order.
+    block_threshold : float
+        Distance (1 - correlation) at which the dendrogram was cut.
+    block_rule : str
+        How that cut was chosen.
+    members : dict of str to str
+        Block -> the member chosen from it (best OOF mAP).
+    weights : dict of str to float
+        Member -> weight within its aggregation group.
+    aggregation : {"mean", "hierarchical"}
+    groups : dict of str to list of str
+        Aggregation groups: ``{"all": members}`` for ``mean``; for ``hierarchical`` the members
+        with an image stream (``"image_stream"``) and the others (``"cell_level"``). The
+        prediction is the mean over groups of each group's weighted mean.
+    image_models : list of str
+        Models whose image streams, averaged with weights (1 for non-members), form the image
+        stream fused with the cell stream.
+    fusion_mode : {"fit", "paper", "off"}
+    rho_th : float or None
+    fusion : dict of str to FusionRule
+        Class name -> rule, with the correlation and APs it was decided on.
+    model_map : dict of str to float
+        OOF mAP of every candidate (in-sample).
+    per_class_ap : dict of str to float
+        In-sample AP of the ensemble per class.
+    scores : dict of str to MethodScore
+        Method (:data:`METHODS`) -> its mAPs.
+    greedy : GreedyResult or None
+        The greedy baseline fitted on all folds.
+    integrity_weighting : bool
+        Whether predictions are multiplied by the cell's visual-integrity weight.
+    """
+
+    models: list[str]
+    tags: dict[str, dict[str, str]]
+    correlation: pd.DataFrame
+    blocks: dict[str, list[str]]
+    block_threshold: float
+    block_rule: str
+    members: dict[str, str]
+    weights: dict[str, float]
+    aggregation: str
+    groups: dict[str, list[str]]
+    image_models: list[str]
+    fusion_mode: str
+    rho_th: float | None
+    fusion: dict[str, FusionRule]
+    model_map: dict[str, float]
+    per_class_ap: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, MethodScore] = field(default_factory=dict)
+    greedy: GreedyResult | None = None
+    integrity_weighting: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (NaN becomes None)."""
+        out = {"format_version": FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, pd.DataFrame):
+                value = {"models": list(value.index), "values": value.to_numpy().tolist()}
+            out[f.name] = _jsonable(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EnsembleSpec:
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported ensemble spec format {data.get('format_version')!r}")
+        data = {k: v for k, v in data.items() if k != "format_version"}
+        corr = data["correlation"]
+        data["correlation"] = pd.DataFrame(_floats(corr["values"]), index=corr["models"], columns=corr["models"])
+        data["fusion"] = {k: FusionRule(**v) for k, v in data["fusion"].items()}
+        data["scores"] = {
+            k: MethodScore(**{**v, "in_sample": _floats(v["in_sample"]), "nested_folds": _int_keys(v["nested_folds"])})
+            for k, v in data["scores"].items()
+        }
+        data["model_map"] = _floats(data["model_map"])
+        data["per_class_ap"] = _floats(data["per_class_ap"])
+        if data["greedy"] is not None:
+            data["greedy"] = GreedyResult(**data["greedy"])
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the spec as JSON; returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EnsembleSpec:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def report(self) -> str:
+        """A plain-text report: members, blocks, per-class fusion rules and scores."""
+        member_of = {m: b for b, m in self.members.items()}
+        lines = [
+            f"Ensemble of {len(self.members)} members from {len(self.models)} models in {len(self.blocks)} blocks",
+            f"  blocks: cut at distance {self.block_threshold:.3f} ({self.block_rule}); "
+            f"aggregation: {self.aggregation}; fusion: {self.fusion_mode}"
+            + (f", rho_th = {self.rho_th:.3f}" if self.rho_th is not None else "")
+            + f"; integrity weighting: {'on' if self.integrity_weighting else 'off'}",
+            "",
+            "Blocks (OOF mAP; * = member, with its weight)",
+        ]
+        for block, models in self.blocks.items():
+            cells = [
+                f"{'*' if m in member_of else ' '}{m} {self.model_map[m]:.4f}"
+                + (f" w={self.weights[m]:.2f}" if m in member_of else "")
+                + (f" [{self.tags[m]['family']}]" if self.tags.get(m, {}).get("family") else "")
+                for m in models
+            ]
+            lines.append(f"  {block:<9} " + ", ".join(cells))
+        lines += [f"  groups: {self.groups}", f"  image stream from: {', '.join(self.image_models) or '-'}", ""]
+        lines.append(f"  {'class':<42}{'rule':<9}{'r':>7}{'AP prod':>9}{'AP cell':>9}{'AP ens':>9}  reason")
+        for name, rule in self.fusion.items():
+            lines.append(
+                f"  {name:<42}{rule.rule:<9}{_fmt(rule.correlation, 7)}{_fmt(rule.ap_product, 9)}"
+                f"{_fmt(rule.ap_cell, 9)}{_fmt(self.per_class_ap.get(name), 9)}  {rule.reason}"
+            )
+        lines += ["", f"  {'mAP':<14}{'in-sample':>10}{'nested mean':>13}{'nested pooled':>15}  per fold"]
+        for method, score in self.scores.items():
+            folds = " ".join(f"{v:.4f}" for v in (score.nested_folds or {}).values())
+            lines.append(
+                f"  {method:<14}{_fmt(score.in_sample, 10)}{_fmt(score.nested_mean, 13)}"
+                f"{_fmt(score.nested_pooled, 15)}  {folds}"
+            )
+        if self.greedy is not None:
+            top = sorted(self.greedy.weights.items(), key=lambda kv: -kv[1])
+            lines += [
+                "",
+                f"  greedy ({len(self.greedy.bags)} bags, scored on {self.greedy.sample_rows} cells): "
+                + ", ".join(f"{m} {w:.2f}" for m, w in top),
+            ]
+        return "\n".join(lines)
+
+
+def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact_path: str = "ensemble") -> None:
+    """Log the spec (``<artifact_path>/ensemble_spec.json``), the plots and the mAPs to the active run.
+
+    Metrics: ``map_<method>`` (in-sample) and ``map_<method>_nested`` (pooled out-of-sample).
+
+    Raises
+    ------
+    RuntimeError
+        If no MLflow run is active (so nothing lands in a run started by accident).
+    """
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_to_mlflow needs an active MLflow run (mlflow.start_run())")
+    mlflow.log_dict(spec.to_dict(), f"{artifact_path}/ensemble_spec.json")
+    for plot in plots:
+        mlflow.log_artifact(str(plot), artifact_path)
+    metrics = {}
+    for method, score in spec.scores.items():
+        metrics[f"map_{method}"] = score.in_sample
+        metrics[f"map_{method}_nested"] = score.nested_pooled
+    mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
+
+
+def _jsonable(value):
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def _floats(value):
+    """None -> NaN inside nested lists/dicts of numbers (the inverse of JSON's null for NaN)."""
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return float("nan") if value is None else value
+
+
+def _int_keys(value: dict | None) -> dict[int, float] | None:
+    return None if value is None else {int(k): _floats(v) for k, v in value.items()}
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None or not math.isfinite(value) else f"{value:>{width}.4f}"

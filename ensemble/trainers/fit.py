@@ -1,0 +1,155 @@
+"""One training job, (model spec, fold), as a Ray Train ``TorchTrainer`` with its MLflow run.
+
+The job's MLflow run is found by its tags before anything starts: a finished job is skipped, an
+interrupted one is reopened and Ray Train resumes it from its latest checkpoint (the Ray run name
+is stable, ``{zoo}-{model}-fold{k}``, so the new trainer finds the old run's checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from mlflow.entities import Metric, Param
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ensemble import tracking
+from ensemble.models.backbones import family_of
+from ensemble.plots import training_curves
+from ensemble.storage import join, read_bytes
+from ensemble.trainers.loop import JobConfig, train_loop_per_worker
+from ensemble.trainers.spec import ModelSpec, spec_params
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a zoo's jobs read, write and record."""
+
+    zoo: str
+    store: str
+    workdir: str
+    experiment_id: str
+    tracking_uri: str
+    fingerprint: str
+    parent_run_id: str | None = None
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class JobResult:
+    model: str
+    fold: int
+    run_id: str
+    best_val_map: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    skipped: bool
+    oof_uri: str
+
+
+def job_name(zoo: str, model: str, fold: int) -> str:
+    return f"{zoo}-{model}-fold{fold}"
+
+
+def oof_uri(workdir: str, model: str, fold: int) -> str:
+    return join(workdir, "oof", model, f"fold{fold}.parquet")
+
+
+def spec_hash(spec: ModelSpec) -> str:
+    """Short hash of everything that shapes a trained model: a changed spec is a new job, not a done one."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def job_tags(ctx: RunContext, spec: ModelSpec, fold: int) -> dict[str, str]:
+    """The tags that identify a job's MLflow run (found again by a re-run)."""
+    return {tracking.TAG_KIND: "job", tracking.TAG_ZOO: ctx.zoo, tracking.TAG_MODEL: spec.name,
+            tracking.TAG_FOLD: str(fold), tracking.TAG_FINGERPRINT: ctx.fingerprint,
+            tracking.TAG_SPEC: spec_hash(spec)}
+
+
+def scaling_for(spec: ModelSpec) -> ScalingConfig:
+    """Workers of a job: GPUs when the cluster has them (unless the spec says otherwise)."""
+    settings = spec.train
+    use_gpu = settings.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": settings.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None = None,
+                callbacks: list | None = None, name: str | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one job; also used by sweeps, with their own run name and callbacks."""
+    config = JobConfig(spec=dataclasses.asdict(spec), fold=fold, store=ctx.store,
+                       oof_path=oof_uri(ctx.workdir, name or spec.name, fold), tracking_uri=ctx.tracking_uri,
+                       run_id=run_id)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(config),
+        scaling_config=scaling_for(spec),
+        run_config=RunConfig(
+            name=name or job_name(ctx.zoo, spec.name, fold),
+            storage_path=join(ctx.workdir, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _result_of(run, spec: ModelSpec, fold: int, ctx: RunContext, seconds: float, skipped: bool) -> JobResult:
+    metrics = run.data.metrics
+    return JobResult(model=spec.name, fold=fold, run_id=run.info.run_id,
+                     best_val_map=float(metrics.get("best_val_map", float("nan"))),
+                     best_epoch=int(metrics.get("best_epoch", -1)), epochs=int(metrics.get("epochs", 0)),
+                     seconds=seconds, skipped=skipped, oof_uri=oof_uri(ctx.workdir, spec.name, fold))
+
+
+def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
+    """Train ``spec`` on every fold but ``fold``, write its OOF table, record it all in MLflow."""
+    client = tracking.client(ctx.tracking_uri)
+    run, finished = tracking.start_or_resume_run(ctx.experiment_id, job_tags(ctx, spec, fold),
+                                                 job_name(ctx.zoo, spec.name, fold), ctx.tracking_uri,
+                                                 ctx.parent_run_id)
+    if finished:
+        return _result_of(run, spec, fold, ctx, 0.0, skipped=True)
+    run_id = run.info.run_id
+    started = time.perf_counter()
+    try:
+        client.set_tag(run_id, tracking.TAG_HEAD, spec.head)
+        client.set_tag(run_id, tracking.TAG_BACKBONE, spec.backbone)
+        client.set_tag(run_id, tracking.TAG_FAMILY, family_of(spec.backbone))
+        # The client API throughout: `mlflow.start_run` would mark the run FINISHED on exit, and
+        # FINISHED must mean "OOF and checkpoint logged", or a re-run would skip a broken job.
+        if not run.data.params:
+            params = {**spec_params(spec), "fold": fold, "store": ctx.store}
+            client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        result = trainer_for(spec, fold, ctx, run_id=run_id).fit()
+        summary = result.return_value
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0)
+                                          for k in ("best_val_map", "best_epoch", "epochs")])
+        with tempfile.TemporaryDirectory() as tmp:
+            oof = Path(tmp) / "oof.parquet"
+            oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold)))
+            client.log_artifact(run_id, str(oof), artifact_path="oof")
+            client.log_artifact(run_id, training_curves(summary["history"], Path(tmp) / "curves.png",
+                                                        title=job_name(ctx.zoo, spec.name, fold)))
+            with result.checkpoint.as_directory() as directory:
+                client.log_artifact(run_id, str(Path(directory) / "best.pt"), artifact_path="checkpoint")
+                client.log_artifact(run_id, str(Path(directory) / "spec.json"), artifact_path="checkpoint")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", ctx.tracking_uri)
+        raise
+    tracking.end_run(run_id, "FINISHED", ctx.tracking_uri)
+    return _result_of(client.get_run(run_id), spec, fold, ctx, time.perf_counter() - started, skipped=False)

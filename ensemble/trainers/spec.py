@@ -1,0 +1,151 @@
+"""Model specs and zoos: what to train, as data.
+
+A zoo is a YAML file (``ensemble/zoos/*.yaml``) listing model specs and the settings they share.
+Errors name the file and the key, because a zoo is edited by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HEADS = ("dsa", "cla", "clh")
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoos"
+
+
+class SpecError(ValueError):
+    """A zoo or model spec that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one (model, fold) job trains. Defaults follow the HCPL paper (Adam, cosine, lr 2e-4)."""
+
+    epochs: int = 8
+    batch_size: int = 64          # cells per step (CLA/CLH); bags per step = batch_size // cells_per_image (DSA)
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    loss: str = "bce"             # bce | focal
+    focal_gamma: float = 2.0
+    class_weight_power: float = 0.5   # rare classes heavier: weight ~ rate ** -power
+    image_loss_weight: float = 1.0    # W1 (DSA)
+    cell_loss_weight: float = 0.2     # W2 = 0.2 * W1 (DSA, paper)
+    augment: float = 0.5          # augmentation strength, 0 = none
+    patience: int = 3             # early stopping: epochs without a better validation mAP
+    labels: str = "weak"          # label version in the cell store used as training targets
+    num_workers: int = 1          # Ray Train workers (DDP when > 1)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None   # None: use a GPU when the cluster has one
+    mixed_precision: bool = True  # bf16 autocast on GPU
+    torch_threads: int | None = None
+    in_memory: bool = False       # read the job's crops into memory once (small stores)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One network of a zoo: a head on a timm backbone, at a cell size."""
+
+    name: str
+    head: str
+    backbone: str
+    image_size: int = 64
+    cells_per_image: int = 8      # bag size N of DSA
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise SpecError(f"model {self.name!r}: head must be one of {HEADS}, got {self.head!r}")
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A named set of model specs trained on the same cell store and folds."""
+
+    name: str
+    models: tuple[ModelSpec, ...]
+    n_folds: int = 3
+    cell_size: int = 64
+    source: str = ""
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"zoo {self.name!r} has no model {name!r}; it has {[m.name for m in self.models]}")
+
+
+def _build(cls, values: dict, where: str):
+    """Make a dataclass from a YAML mapping, naming the unknown or bad key."""
+    if not isinstance(values, dict):
+        raise SpecError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    for key, value in values.items():
+        default = known[key].default
+        if isinstance(default, bool) or default is None or value is None:
+            continue
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise SpecError(f"{where}.{key}: expected a number, got {value!r}")
+    try:
+        return cls(**values)
+    except SpecError as err:
+        raise SpecError(f"{where}: {err}") from None
+
+
+def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
+    """Load a zoo by name (``quick``, ``hcpl``) or from a YAML file.
+
+    ``overrides`` are train settings applied to every model (e.g. ``{"epochs": 1}``).
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = ZOO_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in ZOO_DIR.glob("*.yaml"))
+        raise SpecError(f"zoo {str(name_or_path)!r} not found (no file {path}); built-in zoos: {known}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict) or "models" not in data:
+        raise SpecError(f"{path}: a zoo needs a top-level 'models' list")
+    defaults = data.get("train", {}) or {}
+    if not isinstance(defaults, dict):
+        raise SpecError(f"{path}: 'train' must be a mapping")
+    models = []
+    for i, entry in enumerate(data["models"]):
+        where = f"{path}: models[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise SpecError(f"{where}: each model needs a 'name'")
+        entry = dict(entry)
+        train = _build(TrainSettings, {**defaults, **(entry.pop("train", None) or {}), **(overrides or {})},
+                       f"{where}.train")
+        entry.setdefault("image_size", data.get("cell_size", 64))
+        models.append(_build(ModelSpec, {**entry, "train": train}, where))
+    names = [m.name for m in models]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SpecError(f"{path}: model names must be unique, repeated: {duplicated}")
+    extra = sorted(set(data) - {"name", "models", "train", "n_folds", "cell_size", "description"})
+    if extra:
+        raise SpecError(f"{path}: unknown top-level key(s) {extra}")
+    return Zoo(name=data.get("name", path.stem), models=tuple(models), n_folds=int(data.get("n_folds", 3)),
+               cell_size=int(data.get("cell_size", 64)), source=str(path))
+
+
+def spec_params(spec: ModelSpec) -> dict[str, Any]:
+    """Flat parameters of a spec, as logged to MLflow."""
+    flat = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("train", "head_kwargs")}
+    flat.update({f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()})
+    flat.update({f"head.{k}": v for k, v in spec.head_kwargs.items()})
+    return flat

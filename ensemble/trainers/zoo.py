@@ -1,0 +1,159 @@
+"""train_all: prepare the cell store, train every (model, fold) of a zoo, assemble the OOF tables.
+
+Jobs are Ray tasks that each drive a ``TorchTrainer``; Ray runs as many at once as the cluster's
+resources allow and queues the rest, so the same call fills one laptop or a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import ray
+from tqdm.auto import tqdm
+
+from ensemble import tracking
+from ensemble.data.cells import CellStore
+from ensemble.labels import NUM_CLASSES
+from ensemble.metrics import cell_map
+from ensemble.models.backbones import family_of
+from ensemble.storage import join, read_parquet, write_bytes, write_parquet
+from ensemble.trainers.loop import evaluation_labels
+from ensemble.trainers.fit import JobResult, RunContext, fit_job, oof_uri
+from ensemble.trainers.spec import Zoo
+
+CELL_COLUMNS = [f"cell_{k}" for k in range(NUM_CLASSES)]
+
+
+@dataclass
+class TrainAllResult:
+    zoo: str
+    experiment_id: str
+    parent_run_id: str
+    jobs: list[JobResult]
+    oof: dict[str, str]                       # model -> URI of its OOF table over all folds
+    summary: pd.DataFrame = field(repr=False)
+
+
+def parent_run(zoo: Zoo, experiment_id: str, fingerprint: str, uri: str | None):
+    """The train_all run of this zoo and data: an unfinished one is reopened, else a new one."""
+    tags = {tracking.TAG_KIND: "train_all", tracking.TAG_ZOO: zoo.name, tracking.TAG_FINGERPRINT: fingerprint}
+    runs = [r for r in tracking.find_runs(experiment_id, tags, uri) if r.info.status != "FINISHED"]
+    if runs:
+        tracking.client(uri).update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0]
+    return tracking.client(uri).create_run(experiment_id, run_name=f"train_all-{zoo.name}", tags=tags)
+
+
+def jobs_that_fit(zoo: Zoo) -> int:
+    """How many of the zoo's jobs the cluster's current resources hold at once (at least 1)."""
+    from ensemble.trainers.fit import scaling_for
+
+    resources = ray.cluster_resources()
+    fits = []
+    for spec in zoo.models:
+        scaling = scaling_for(spec)
+        need = scaling.num_workers or 1
+        per_worker = scaling.resources_per_worker or {}
+        fits.append(min(int(resources.get(k, 0) // (v * need)) for k, v in per_worker.items() if v > 0))
+    return max(1, min(fits))
+
+
+def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
+             max_concurrent: int | None = None) -> list[JobResult]:
+    """Every (model, fold) job as a Ray task, at most ``max_concurrent`` in flight.
+
+    ``max_concurrent`` defaults to what the cluster holds now: Ray Train worker groups that wait
+    for resources time out and retry, which only wastes time. On an autoscaling cluster, give a
+    larger number so the autoscaler sees the demand and adds nodes.
+    """
+    # num_cpus=0: a job's task only drives its trainer; the trainer's workers hold the CPUs/GPUs.
+    # Giving the driver a CPU as well deadlocks small machines (STACK.md).
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_job)
+    queue = [(spec, fold) for spec in zoo.models for fold in folds]
+    limit = max_concurrent or jobs_that_fit(zoo)
+    pending, results, failures = {}, [], []
+    with tqdm(total=len(queue), desc=f"train {zoo.name}", unit="job", disable=not progress) as bar:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                spec, fold = queue.pop(0)
+                pending[remote_fit.remote(spec, fold, ctx)] = (spec.name, fold)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, fold = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+                results.append(result)
+                bar.set_postfix_str(f"{name} fold {fold}: val mAP {result.best_val_map:.3f}"
+                                    + (" (done before)" if result.skipped else ""))
+            except Exception as err:  # one failed job must not lose the others' work
+                failures.append((name, fold, err))
+                bar.set_postfix_str(f"{name} fold {fold}: FAILED")
+            bar.update()
+    if failures:
+        lines = "\n".join(f"  {name} fold {fold}: {type(err).__name__}: {err}" for name, fold, err in failures)
+        raise RuntimeError(f"{len(failures)} job(s) failed (re-run to resume them):\n{lines}")
+    return sorted(results, key=lambda r: (r.model, r.fold))
+
+
+def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
+    """Concatenate each model's per-fold OOF tables into ``oof/{model}.parquet``, tags in ``oof/models.json``.
+
+    The directory is then what :func:`ensemble.selectors.load_oof_dir` reads.
+    """
+    tags = {spec.name: {"head": spec.head, "backbone": spec.backbone, "family": family_of(spec.backbone)}
+            for spec in zoo.models}
+    write_bytes(json.dumps(tags, indent=1).encode(), join(workdir, "oof", "models.json"))
+    paths = {}
+    for spec in zoo.models:
+        table = pd.concat([read_parquet(oof_uri(workdir, spec.name, f)) for f in folds], ignore_index=True)
+        table = table.sort_values(["image_id", "cell_id"], kind="stable").reset_index(drop=True)
+        paths[spec.name] = join(workdir, "oof", f"{spec.name}.parquet")
+        write_parquet(table, paths[spec.name])
+    return paths
+
+
+def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobResult]) -> pd.DataFrame:
+    """One row per model: head, backbone, OOF cell mAP over all folds (against cell truth when known)."""
+    labels, source = evaluation_labels(store)
+    row_of = pd.Series(np.arange(len(store)), index=pd.MultiIndex.from_frame(store.cells[["image_id", "cell_id"]]))
+    rows = []
+    for spec in zoo.models:
+        table = read_parquet(oof[spec.name])
+        at = row_of.loc[list(zip(table["image_id"], table["cell_id"]))].to_numpy()
+        rows.append({"model": spec.name, "head": spec.head, "backbone": spec.backbone,
+                     "oof_cell_map": cell_map(labels[at], table[CELL_COLUMNS].to_numpy()).map,
+                     "labels": source,
+                     "fold_val_map_mean": float(np.mean([r.best_val_map for r in jobs if r.model == spec.name])),
+                     "train_minutes": sum(r.seconds for r in jobs if r.model == spec.name) / 60})
+    return pd.DataFrame(rows)
+
+
+def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None = None,
+              tracking_uri: str | None = None, progress: bool = True,
+              max_concurrent: int | None = None) -> TrainAllResult:
+    """Train every model of ``zoo`` on every fold of the store; resumable; returns the OOF tables."""
+    store = CellStore(store_uri)
+    n_folds = int(store.cells["fold"].max()) + 1
+    folds = list(range(n_folds))
+    uri = tracking.tracking_uri(tracking_uri)
+    experiment_id = tracking.ensure_experiment(experiment or zoo.name, uri)
+    fingerprint = store.meta["source"]["fingerprint"]
+    parent = parent_run(zoo, experiment_id, fingerprint, uri)
+    ctx = RunContext(zoo=zoo.name, store=store_uri, workdir=workdir, experiment_id=experiment_id,
+                     tracking_uri=uri, fingerprint=fingerprint, parent_run_id=parent.info.run_id)
+    client = tracking.client(uri)
+    try:
+        jobs = run_jobs(zoo, ctx, folds, progress, max_concurrent)
+        oof = assemble_oof(zoo, workdir, folds)
+        summary = oof_summary(zoo, store, oof, jobs)
+        for row in summary.itertuples():
+            client.log_metric(parent.info.run_id, f"oof_cell_map.{row.model}", float(row.oof_cell_map))
+        client.log_text(parent.info.run_id, summary.to_csv(index=False), "summary.csv")
+    except BaseException:
+        tracking.end_run(parent.info.run_id, "FAILED", uri)
+        raise
+    tracking.end_run(parent.info.run_id, "FINISHED", uri)
+    return TrainAllResult(zoo=zoo.name, experiment_id=experiment_id, parent_run_id=parent.info.run_id,
+                          jobs=jobs, oof=oof, summary=summary)

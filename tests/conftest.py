@@ -1,0 +1,38 @@
+"""Shared fixtures: one small simulated dataset per test session (simulating is the slow part)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep Ray quiet and its workers single-threaded: the suite runs on 2 cores.
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """24 simulated 256 px images with cell truth (Kaggle layout)."""
+    from ensemble.data.synthetic import simulate
+
+    root = tmp_path_factory.mktemp("small_dataset")
+    simulate(root, n_images=24, seed=3, size=256, difficulty="easy")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_file(tmp_path_factory) -> Path:
+    """A zoo of two tiny timm models (one DSA, one CLA), one epoch each."""
+    path = tmp_path_factory.mktemp("zoo") / "tiny.yaml"
+    path.write_text(
+        "name: tiny\n"
+        "n_folds: 3\n"
+        "cell_size: 32\n"
+        "train: {epochs: 1, batch_size: 32, lr: 1.0e-3, in_memory: true, torch_threads: 1, augment: 0.0}\n"
+        "models:\n"
+        "  - {name: dsa_tiny, head: dsa, backbone: test_resnet, cells_per_image: 4}\n"
+        "  - {name: cla_tiny, head: cla, backbone: test_efficientnet}\n"
+    )
+    return path

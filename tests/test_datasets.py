@@ -1,0 +1,98 @@
+"""Datasets over the cell store (single cells, bags) and crop augmentation."""
+
+import numpy as np
+import pytest
+import ray
+import torch
+from torch.utils.data import DataLoader
+
+from ensemble.data.augment import build_augment
+from ensemble.data.cells import CellStore, prepare
+from ensemble.data.datasets import BagDataset, CellDataset
+from ensemble.data.synthetic import simulate
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> CellStore:
+    root = tmp_path_factory.mktemp("data")
+    simulate(root, 6, seed=11, size=256)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = tmp_path_factory.mktemp("store") / "store"
+        prepare(root, str(path), size=16, n_folds=2, chunk_size=3, progress=False)
+    finally:
+        if started:
+            ray.shutdown()
+    return CellStore(path)
+
+
+def test_cell_dataset_items(store):
+    data = CellDataset(store, folds=[1])
+    fold = store.cells["fold"].to_numpy()
+    assert len(data) == (fold == 1).sum() and (fold[data.rows] == 1).all()
+    item = data[0]
+    assert item["image"].shape == (4, 16, 16) and item["image"].dtype == torch.float32
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    np.testing.assert_array_equal(item["image"].numpy(), store.crops([item["index"]])[0] / np.float32(255))
+    np.testing.assert_array_equal(item["target"].numpy(), store.labels("weak")[item["index"]])
+    truth = CellDataset(store, rows=[0, 1], labels="truth")
+    assert truth[1]["target"].shape == (19,) and truth[1]["index"] == 1
+
+
+def test_in_memory_and_worker_processes_give_the_same_items(store):
+    lazy = CellDataset(store, rows=np.arange(len(store)))
+    memory = CellDataset(store, rows=np.arange(len(store)), in_memory=True)
+    batches = list(DataLoader(lazy, batch_size=8, num_workers=2))
+    images = torch.cat([b["image"] for b in batches])
+    np.testing.assert_array_equal(images.numpy(), np.stack([memory[i]["image"].numpy() for i in range(len(memory))]))
+
+
+def test_bags_pad_small_images_and_sample_large_ones(store):
+    counts = store.cells.groupby("image_id").size()
+    bag_size = int(counts.median())
+    data = BagDataset(store, bag_size=bag_size, train=True, seed=1)
+    assert len(data) == len(counts)
+    for i, image_id in enumerate(data.image_ids):
+        bag = data[i]
+        n = min(counts[image_id], bag_size)
+        assert bag["cells"].shape == (bag_size, 4, 16, 16)
+        assert bag["valid"].sum() == n and bag["valid"][:n].all()
+        assert (bag["rows"][n:] == -1).all() and (bag["cells"][n:] == 0).all() and (bag["cell_targets"][n:] == 0).all()
+        rows = bag["rows"][:n].numpy()
+        assert (store.cells["image_id"].to_numpy()[rows] == image_id).all()
+        np.testing.assert_array_equal(bag["image_target"].numpy(), store.labels("weak")[rows[0]])
+        np.testing.assert_array_equal(bag["cell_targets"][:n].numpy(), store.labels("weak")[rows])
+    big = int(np.flatnonzero(counts[data.image_ids].to_numpy() > bag_size)[0])
+    subsets = set()
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        subsets.add(tuple(data[big]["rows"].tolist()))
+    assert len(subsets) > 1
+
+
+def test_prediction_bags_cover_every_cell_exactly_once(store):
+    data = BagDataset(store, folds=[0], bag_size=5, train=False)
+    counts = store.cells[store.cells["fold"] == 0].groupby("image_id").size()
+    assert len(data) == int(np.ceil(counts / 5).sum())
+    rows = np.concatenate([b["rows"][b["valid"]].numpy() for b in data])
+    np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(store.cells["fold"].to_numpy() == 0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_augmentation_keeps_shape_and_dtype_and_zero_strength_is_identity(dtype):
+    crop = np.random.default_rng(0).integers(0, 255, (32, 32, 4)).astype(dtype)
+    if dtype == np.float32:
+        crop /= 255
+    np.testing.assert_array_equal(build_augment(0)(image=crop)["image"], crop)
+    strong = build_augment(1.0)
+    for _ in range(5):
+        out = strong(image=crop)["image"]
+        assert out.shape == crop.shape and out.dtype == crop.dtype
+
+
+def test_datasets_apply_the_transform_per_cell(store):
+    data = BagDataset(store, bag_size=4, transform=build_augment(1.0))
+    bag = data[0]
+    assert bag["cells"].shape == (4, 4, 16, 16) and bag["cells"].dtype == torch.float32

@@ -1,0 +1,164 @@
+"""Predicting a folder of images in process, the submission file, bad images, the integrity hook,
+and evaluation against the simulator's cell truth. (The Ray path runs in test_registry.py, on the
+registered model, where Ray is up already.)"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ensemble.cli_product import add_commands
+from ensemble.data.hpa import read_image, read_truth
+from ensemble.data.segment import create_segmenter
+from ensemble.data.synthetic import simulate
+from ensemble.evaluate import evaluate
+from ensemble.labels import CHANNELS, CLASS_NAMES
+from ensemble.predict import PredictResult, predict_images, write_predictions
+from ensemble.registry import CELL_COLUMNS, OUTPUT_COLUMNS, Preprocessing, load_ensemble, save_ensemble
+from ensemble.submission import encode_mask, read_submission
+from test_registry import tiny_members, tiny_spec
+
+PREPROCESSING = Preprocessing(create_segmenter("classical").describe(), crop_size=32)
+BAD = ("bad-truncated", "bad-missing")
+
+
+class ConstantIntegrity:
+    """A stand-in VID: every cell gets the weight written in the integrity directory."""
+
+    def __init__(self, path: str):
+        self.weight = float((Path(path) / "weight.txt").read_text())
+
+    def weights(self, cells: pd.DataFrame, crops: np.ndarray) -> np.ndarray:
+        assert {"image_id", "cell_id", "area", "perimeter"} <= set(cells.columns) and len(crops) == len(cells)
+        return np.full(len(cells), self.weight, np.float32)
+
+
+def load_constant_integrity(path: str) -> ConstantIntegrity:
+    return ConstantIntegrity(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("model")
+    return str(save_ensemble(tmp / "model", tiny_spec(), tiny_members(tmp / "checkpoints"), PREPROCESSING))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """4 simulated test images with truth, plus a truncated PNG and one missing its yellow channel."""
+    root = tmp_path_factory.mktemp("images")
+    simulate(root, n_images=4, seed=2, size=256, split="test")
+    for image_id in BAD:
+        for channel in CHANNELS:
+            Image.fromarray(np.zeros((256, 256), np.uint8)).save(root / "test" / f"{image_id}_{channel}.png")
+    red = root / "test" / "bad-truncated_red.png"
+    red.write_bytes(red.read_bytes()[:40])
+    (root / "test" / "bad-missing_yellow.png").unlink()
+    with open(root / "test.csv", "a") as csv:
+        csv.write("bad-truncated,0\nbad-missing,3\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(model_dir, images, tmp_path_factory) -> PredictResult:
+    out = tmp_path_factory.mktemp("local") / "preds.parquet"
+    return predict_images(model_dir, images, out=out, engine="local", batch_size=3, progress=False)
+
+
+def test_local_predict_skips_bad_images_and_writes_one_row_per_cell(local, images):
+    skipped = dict(local.report.skipped)
+    assert set(skipped) == set(BAD) and local.report.n_ok == 4
+    assert "truncated" in skipped["bad-truncated"] and "bad-missing_yellow.png" in skipped["bad-missing"]
+    assert list(local.images["image_id"]) == [f"sim2-{i:05d}" for i in range(4)]
+    assert local.images["n_cells"].sum() == len(local.cells) > 0
+    written = pd.read_parquet(local.out)
+    assert list(written.columns) == OUTPUT_COLUMNS
+    pd.testing.assert_frame_equal(written, local.cells, check_dtype=False)
+    assert (written[CELL_COLUMNS].dtypes == np.float32).all()
+    assert written[CELL_COLUMNS].to_numpy().min() >= 0 and written[CELL_COLUMNS].to_numpy().max() <= 1
+    timings = local.timings
+    assert timings.images == 4 and timings.cells == len(local.cells) and timings.segment > 0 and timings.members > 0
+
+
+def test_submission_decodes_to_the_segmented_cell_masks(local, images, model_dir, tmp_path):
+    out = tmp_path / "submission.csv"
+    write_predictions(local, out)
+    submission = read_submission(out)
+    assert list(submission) == list(local.images["image_id"])
+    segmenter = load_ensemble(model_dir).segmenter
+    for image_id, image in submission.items():
+        cells = segmenter(read_image(images, image_id, "test")).cells
+        assert (image.height, image.width) == cells.shape
+        rows = local.cells[local.cells["image_id"] == image_id]
+        assert len(image.detections) == len(rows) * len(CLASS_NAMES), "every class of every cell"
+        for detection in image.detections[:: len(CLASS_NAMES)]:  # one per cell, in row order
+            cell_id = cells[detection.mask][0]
+            np.testing.assert_array_equal(detection.mask, cells == cell_id)
+        confidences = np.array([d.confidence for d in image.detections]).reshape(len(rows), -1)
+        np.testing.assert_allclose(confidences, rows[CELL_COLUMNS].to_numpy(), rtol=1e-5)
+
+
+def test_integrity_weights_multiply_the_probabilities(images, tmp_path):
+    members = tiny_members(tmp_path / "checkpoints")
+    (tmp_path / "vid").mkdir()
+    (tmp_path / "vid" / "weight.txt").write_text("0.5")
+    image = {"sim2-00000": read_image(images, "sim2-00000", "test")}
+    predictions = {}
+    for weighting in (True, False):  # the integrity model is packed either way; the spec decides
+        path = save_ensemble(tmp_path / f"weighting-{weighting}", tiny_spec(integrity_weighting=weighting), members,
+                             PREPROCESSING, integrity_dir=tmp_path / "vid",
+                             integrity_loader="test_predict:load_constant_integrity")
+        predictions[weighting] = load_ensemble(str(path)).predict_arrays(image)
+    weighted, measured = predictions[True], predictions[False]
+    assert (weighted["integrity"] == 0.5).all() and (measured["integrity"] == 0.5).all()
+    np.testing.assert_allclose(weighted[CELL_COLUMNS], 0.5 * measured[CELL_COLUMNS].to_numpy(), rtol=1e-6)
+
+
+def perfect_predictions(root: Path) -> pd.DataFrame:
+    """Per-cell rows that are the truth itself: true masks, labels as probabilities."""
+    truth = read_truth(root)
+    rows = []
+    for image_id in truth.image_ids:
+        mask = truth.mask(image_id)
+        for cell_id, labels in zip(*truth.cell_labels(image_id)):
+            rows.append({"image_id": image_id, "cell_id": int(cell_id), **dict(zip(CELL_COLUMNS, labels)),
+                         "integrity": 1.0, "rle": encode_mask(mask == cell_id),
+                         "width": mask.shape[1], "height": mask.shape[0]})
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+def test_evaluate_scores_perfect_predictions_one_in_both_formats(images, tmp_path):
+    cells = perfect_predictions(images)
+    cells.to_parquet(tmp_path / "perfect.parquet")
+    sizes = cells.groupby("image_id", as_index=False).agg(width=("width", "first"), height=("height", "first"),
+                                                          n_cells=("cell_id", "size"))
+    write_predictions(PredictResult(cells, sizes, None, None, 0.0), tmp_path / "perfect.csv")
+    for path in (tmp_path / "perfect.parquet", tmp_path / "perfect.csv"):
+        result = evaluate(path, images)
+        assert result.cell.map == pytest.approx(1.0) and result.competition.map == pytest.approx(1.0)
+        assert result.matched == 1.0 and result.n_images == 4
+        scored = result.per_class.dropna(subset=["cell_ap"])
+        assert set(scored.index) <= set(CLASS_NAMES) and len(scored) > 0
+        assert (scored["true_cells"] > 0).all()
+        assert result.plot.exists() and result.plot.stat().st_size > 0
+
+
+def test_cli_predicts_and_evaluates_a_folder(model_dir, images, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    out = tmp_path / "preds.parquet"
+    (tmp_path / "ids.txt").write_text("sim2-00001\nsim2-00003\n")
+    args = parser.parse_args(["predict", str(images / "test"), "--model", model_dir, "--out", str(out),
+                              "--ids", str(tmp_path / "ids.txt"), "--engine", "local"])
+    assert args.func(args) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert set(pd.read_parquet(out)["image_id"]) == {"sim2-00001", "sim2-00003"}
+    args = parser.parse_args(["evaluate", str(out), str(images), "--plot", str(tmp_path / "ap.png")])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "competition mAP" in printed and "Nucleoplasm" in printed and (tmp_path / "ap.png").exists()

@@ -1,0 +1,333 @@
+"""The registered ensemble: checkpoints from training runs, the MLflow registry (SQLite and a real
+server), a fresh process loading ``models:/hpa-ensemble@champion``, the Ray prediction pipeline on
+it, and inference that reproduces the training-time prediction path cell for cell."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ensemble import tracking
+from ensemble.cli_product import add_commands
+from ensemble.data.cells import CellStore, prepare
+from ensemble.data.hpa import read_image
+from ensemble.data.synthetic import simulate
+from ensemble.labels import CHANNELS
+from ensemble.predict import predict_images
+from ensemble.registry import (CELL_COLUMNS, OUTPUT_COLUMNS, MemberCheckpoints, Preprocessing, load_ensemble,
+                               member_checkpoints, register_ensemble)
+from ensemble.selectors import apply_spec, make_synthetic_oof, select_ensemble
+from ensemble.submission import decode_mask
+from ensemble.trainers.fit import spec_hash
+from ensemble.trainers.loop import IMAGE_COLUMNS, build_model, predict_fold
+from ensemble.trainers.spec import ModelSpec
+
+NAME = "hpa-ensemble"
+CHAMPION = f"models:/{NAME}@champion"
+MODEL_SPECS = {  # the DSA runs at 24 px on 32 px crops: inference must resize as training does
+    "dsa_resnet_0": ModelSpec("dsa_resnet_0", "dsa", "test_resnet", image_size=24, cells_per_image=4),
+    "cla_effnet_0": ModelSpec("cla_effnet_0", "cla", "test_efficientnet", image_size=32),
+}
+
+
+def tiny_members(folder: Path, n_folds: int = 2) -> dict[str, MemberCheckpoints]:
+    """Untrained tiny networks saved as training saves them (checkpoint/best.pt + spec.json)."""
+    members = {}
+    for name, spec in MODEL_SPECS.items():
+        folds = {}
+        for fold in range(n_folds):
+            torch.manual_seed(fold)
+            directory = folder / name / f"fold{fold}"
+            directory.mkdir(parents=True)
+            torch.save(build_model(spec).state_dict(), directory / "best.pt")
+            (directory / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+            folds[fold] = directory / "best.pt"
+        members[name] = MemberCheckpoints(spec, folds)
+    return members
+
+
+def tiny_spec(**changes):
+    """An ensemble selected from synthetic OOF of two models named like MODEL_SPECS (one DSA)."""
+    synthetic = make_synthetic_oof(n_images=40, cells_per_image=5, n_folds=2,
+                                   families={"resnet": ("dsa", 1), "effnet": ("cla", 1)})
+    spec = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", aggregation="hierarchical",
+                           nested=False, greedy=False)
+    assert sorted(spec.members.values()) == sorted(MODEL_SPECS)
+    assert {r.rule for r in spec.fusion.values()} == {"product", "cell"}, "both fusion rules are exercised"
+    return dataclasses.replace(spec, **changes)
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a free port, started at once; :meth:`url` waits until it answers."""
+
+    def __init__(self, folder: Path):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.log_path = folder / "server.log"
+        self.log = open(self.log_path, "w")
+        # One web worker and no background job runners (seven more processes by default): a test
+        # server needs neither, and on a small machine they make start-up take minutes.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder}/server.db", "--default-artifact-root", str(folder / "artifacts")],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: workers stop with it
+        )
+
+    def url(self, timeout: float = 180.0) -> str:
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return url
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory):
+    """Started before everything else, so it boots while the store is built."""
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """One Ray for the module (or the one another module left running)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_tracking_uri():
+    """Registering makes a tracking URI the process default: restore it for later modules."""
+    previous = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """A cell store of 6 simulated images and training-like MLflow runs of two members x 2 folds."""
+    tmp = tmp_path_factory.mktemp("trained")
+    simulate(tmp / "data", n_images=6, seed=1, size=256)
+    store = str(tmp / "store")
+    prepare(tmp / "data", store, size=32, n_folds=2, progress=False)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    members = tiny_members(tmp / "checkpoints")
+    client = tracking.client(uri)
+    experiment_id = tracking.ensure_experiment("tiny", uri)
+    for name, member in members.items():
+        for fold, path in member.folds.items():
+            tags = {tracking.TAG_KIND: "job", tracking.TAG_MODEL: name, tracking.TAG_FOLD: str(fold),
+                    tracking.TAG_SPEC: spec_hash(member.spec), tracking.TAG_HEAD: member.spec.head}
+            run = client.create_run(experiment_id, run_name=f"tiny-{name}-fold{fold}", tags=tags)
+            client.log_param(run.info.run_id, "store", store)
+            client.log_artifact(run.info.run_id, str(path), artifact_path="checkpoint")
+            client.log_artifact(run.info.run_id, str(path.parent / "spec.json"), artifact_path="checkpoint")
+            client.set_terminated(run.info.run_id, "FINISHED")
+    return SimpleNamespace(tmp=tmp, root=tmp / "data", store=store, uri=uri, members=members)
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory) -> SimpleNamespace:
+    """Two new simulated test images, and a truncated one."""
+    root = tmp_path_factory.mktemp("new")
+    good = simulate(root, n_images=2, seed=11, size=256, split="test").image_ids
+    for channel in CHANNELS:
+        Image.fromarray(np.zeros((256, 256), np.uint8)).save(root / "test" / f"bad-truncated_{channel}.png")
+    red = root / "test" / "bad-truncated_red.png"
+    red.write_bytes(red.read_bytes()[:40])
+    return SimpleNamespace(root=root, good=good, ids=[*good, "bad-truncated"])
+
+
+@pytest.fixture(scope="module")
+def registered(trained) -> SimpleNamespace:
+    """The ensemble registered from the training runs, in the SQLite registry."""
+    members = member_checkpoints("tiny", list(MODEL_SPECS), trained.uri, dst=trained.tmp / "fetched")
+    spec = tiny_spec()
+    version = register_ensemble(spec, members, Preprocessing.from_store(trained.store), tracking_uri=trained.uri,
+                                experiment="tiny")
+    return SimpleNamespace(spec=spec, members=members, version=version)
+
+
+def test_member_checkpoints_fetch_every_fold_of_the_latest_runs(trained, registered):
+    for name, member in registered.members.items():
+        assert member.spec == MODEL_SPECS[name]
+        assert sorted(member.folds) == [0, 1] and sorted(member.runs) == [0, 1]
+        assert member.store == trained.store
+        for fold, path in member.folds.items():
+            fetched = torch.load(path, weights_only=True)
+            original = torch.load(trained.members[name].folds[fold], weights_only=True)
+            assert all(torch.equal(fetched[k], original[k]) for k in original)
+    with pytest.raises(ValueError, match="no finished training run of model 'absent'"):
+        member_checkpoints("tiny", ["absent"], trained.uri, dst=trained.tmp / "none")
+
+
+def test_register_points_the_alias_at_each_new_version(trained, registered):
+    client = MlflowClient(trained.uri)
+    assert client.get_model_version_by_alias(NAME, "champion").version == registered.version.version
+    run = client.get_run(registered.version.run_id)
+    assert run.data.tags[tracking.TAG_KIND] == "register"
+    assert run.data.params["members"] == ",".join(registered.spec.groups["image_stream"] + registered.spec.groups["cell_level"])
+    again = register_ensemble(registered.spec, registered.members, Preprocessing.from_store(trained.store),
+                              tracking_uri=trained.uri, experiment="tiny")
+    assert int(again.version) == int(registered.version.version) + 1
+    assert client.get_model_version_by_alias(NAME, "champion").version == again.version
+
+
+def test_registration_refuses_incomplete_ensembles(trained, registered):
+    preprocessing = Preprocessing.from_store(trained.store)
+    partial = {"cla_effnet_0": registered.members["cla_effnet_0"]}
+    with pytest.raises(ValueError, match="no checkpoints for the ensemble's models"):
+        register_ensemble(registered.spec, partial, preprocessing, tracking_uri=trained.uri, name="broken")
+    with pytest.raises(ValueError, match="no integrity model"):
+        register_ensemble(dataclasses.replace(registered.spec, integrity_weighting=True), registered.members,
+                          preprocessing, tracking_uri=trained.uri, name="broken")
+
+
+def reference_predictions(store: CellStore, spec, members) -> pd.DataFrame:
+    """The ensemble on the store's cells through the training code: predict_fold per fold network,
+    the mean over a member's fold networks, then apply_spec."""
+    frames = {}
+    for name, member in members.items():
+        tables = []
+        for path in member.folds.values():
+            network = build_model(member.spec)
+            network.load_state_dict(torch.load(path, weights_only=True))
+            table = pd.concat([predict_fold(network, store, fold, member.spec, torch.device("cpu"))
+                               for fold in sorted(store.cells["fold"].unique())])
+            tables.append(table.sort_values(["image_id", "cell_id"], ignore_index=True))
+        columns = [c for c in (*CELL_COLUMNS, *IMAGE_COLUMNS) if c in tables[0]]
+        frames[name] = tables[0].drop(columns="fold").assign(
+            **dict(zip(columns, np.mean([t[columns].to_numpy() for t in tables], axis=0).T)))
+    return apply_spec(spec, frames)
+
+
+def test_inference_reproduces_the_training_crops_and_predictions(trained, registered):
+    mlflow.set_tracking_uri(trained.uri)
+    champion = mlflow.pyfunc.load_model(CHAMPION)
+    model = champion.unwrap_python_model()
+    store = CellStore(trained.store)
+    ids = sorted(store.cells["image_id"].unique())
+    image = read_image(trained.root, ids[0], "train")
+    segmented = model.segment(ids[0], image)
+    rows = store.image_slice(ids[0])
+    np.testing.assert_array_equal(segmented.cells["cell_id"], store.cells["cell_id"].iloc[rows])
+    np.testing.assert_array_equal(segmented.crops, store.crops(np.arange(rows.start, rows.stop)))
+
+    frame = pd.DataFrame({"image_id": ids, "root": str(trained.root), "split": "train"})
+    out = champion.predict(frame)
+    assert list(out.columns) == OUTPUT_COLUMNS
+    assert (out[CELL_COLUMNS].dtypes == np.float32).all() and out["integrity"].dtype == np.float32
+    assert (out["integrity"] == 1).all(), "no integrity model: every cell weighs 1"
+    reference = reference_predictions(store, registered.spec, registered.members)
+    merged = reference.merge(out, on=["image_id", "cell_id"], suffixes=("_reference", ""), validate="1:1")
+    assert len(merged) == len(out) == len(store)
+    np.testing.assert_allclose(merged[CELL_COLUMNS].to_numpy(),
+                               merged[[f"{c}_reference" for c in CELL_COLUMNS]].to_numpy(), atol=1e-5)
+    cells = model.segmenter(image).cells
+    first = out[out["image_id"] == ids[0]]
+    for cell_id, rle in zip(first["cell_id"], first["rle"]):
+        np.testing.assert_array_equal(decode_mask(rle, *cells.shape), cells == cell_id)
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import json, sys
+    import mlflow, pandas as pd
+    root, out = sys.argv[1], sys.argv[2]
+    ids = sys.argv[3].split(",")
+    for i, uri in enumerate(sys.argv[4:]):
+        mlflow.set_tracking_uri(uri)
+        model = mlflow.pyfunc.load_model("models:/hpa-ensemble@champion")
+        frame = pd.DataFrame({"image_id": ids, "root": root, "split": "test"})
+        model.predict(frame).to_parquet(f"{out}/from_{i}.parquet")
+        print(json.dumps(model.unwrap_python_model().last_report.skipped))
+""")
+
+
+def test_a_fresh_process_loads_the_champion_from_sqlite_and_from_a_server(trained, registered, new_images,
+                                                                           mlflow_server):
+    server = mlflow_server.url()
+    register_ensemble(registered.spec, registered.members, Preprocessing.from_store(trained.store),
+                      tracking_uri=server, experiment="tiny")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(new_images.root), str(trained.tmp), ",".join(new_images.ids),
+         trained.uri, server],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = [json.loads(line) for line in done.stdout.splitlines()[-2:]]
+    assert [[image_id for image_id, _ in s] for s in skipped] == [["bad-truncated"]] * 2
+    from_sqlite = pd.read_parquet(trained.tmp / "from_0.parquet")
+    from_server = pd.read_parquet(trained.tmp / "from_1.parquet")
+    assert len(from_sqlite) > 0 and set(from_sqlite["image_id"]) == set(new_images.good)
+    pd.testing.assert_frame_equal(from_sqlite, from_server)
+    mlflow.set_tracking_uri(trained.uri)
+    here = load_ensemble(CHAMPION).predict_arrays({i: read_image(new_images.root, i, "test") for i in new_images.good})
+    pd.testing.assert_frame_equal(from_sqlite[CELL_COLUMNS], here[CELL_COLUMNS], atol=1e-6)
+
+
+def test_ray_pipeline_predicts_like_the_local_path(trained, registered, new_images):
+    """The Ray path's actors resolve models:/ against the driver's tracking URI, and skip bad images."""
+    mlflow.set_tracking_uri(trained.uri)
+    local = predict_images(CHAMPION, new_images.root, new_images.ids, engine="local", progress=False)
+    streamed = predict_images(CHAMPION, new_images.root, new_images.ids, engine="ray", batch_size=2, num_workers=1,
+                              progress=False)
+    for result in (local, streamed):
+        assert [image_id for image_id, _ in result.report.skipped] == ["bad-truncated"] and result.report.n_ok == 2
+    pd.testing.assert_frame_equal(streamed.images.sort_values("image_id", ignore_index=True), local.images)
+    pd.testing.assert_frame_equal(streamed.cells, local.cells, check_dtype=False, atol=1e-6)
+    assert streamed.timings is None and local.timings.cells == len(local.cells) > 0
+
+
+def test_cli_registers_from_an_experiment(trained, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    spec_path = tiny_spec().to_json(tmp_path / "ensemble.json")
+    args = parser.parse_args(["register", "--experiment", "tiny", "--spec", str(spec_path), "--name", "cli-ensemble",
+                              "--tracking-uri", trained.uri])
+    assert args.func(args) == 0
+    assert "registered cli-ensemble version 1 as @champion" in capsys.readouterr().out
+    assert int(MlflowClient(trained.uri).get_model_version_by_alias("cli-ensemble", "champion").version) == 1

@@ -1,0 +1,391 @@
+"""Tests of ensemble selection (ensemble.selectors) on synthetic OOF predictions with known structure."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from sklearn.metrics import adjusted_rand_score, average_precision_score
+
+from ensemble.labels import CLASS_NAMES, NUM_CLASSES
+from ensemble.selectors import (
+    EnsembleSpec,
+    GreedyParams,
+    OOFSet,
+    apply_spec,
+    average_precision,
+    correlation_matrix,
+    decide_fusion,
+    find_blocks,
+    greedy_selection,
+    load_oof_dir,
+    load_oof_mlflow,
+    log_to_mlflow,
+    make_synthetic_oof,
+    mean_average_precision,
+    plot_correlation,
+    prediction_moments,
+    select_ensemble,
+)
+from ensemble.selectors.fusion import aggregate
+
+FAST_GREEDY = GreedyParams(n_bags=3, max_size=10)
+OVER_LABELLED = (11, 12, 15)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic_oof(n_images=240, cells_per_image=8, n_folds=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def spec(synthetic):
+    return select_ensemble(synthetic.oof, synthetic.labels, aggregation="hierarchical", greedy=FAST_GREEDY)
+
+
+def _sklearn_map(truth: np.ndarray, score: np.ndarray) -> float:
+    """Reference mAP, class-major inputs, classes without positives skipped."""
+    return float(np.mean([average_precision_score(t, s) for t, s in zip(truth, score, strict=True) if t.any()]))
+
+
+def _truth(synthetic) -> np.ndarray:
+    return synthetic.labels[[f"label_{k}" for k in range(NUM_CLASSES)]].to_numpy(dtype=bool).T
+
+
+# --- fast AP -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_average_precision_equals_sklearn(ties):
+    rng = np.random.default_rng(0)
+    truth = rng.random((6, 5000)) < np.linspace(0.01, 0.5, 6)[:, None]
+    score = rng.random((6, 5000)) + 0.5 * truth
+    if ties:  # coarse scores: many positives and negatives share a value
+        score = np.round(score, 1)
+    expected = [average_precision_score(t, s) for t, s in zip(truth, score, strict=True)]
+    np.testing.assert_allclose(average_precision(truth, score), expected, rtol=0, atol=1e-9)
+
+
+def test_fast_map_equals_the_project_metric(synthetic):
+    from ensemble.metrics import cell_map
+
+    truth, score = _truth(synthetic), synthetic.oof.cell[synthetic.oof.models[0]]
+    assert mean_average_precision(truth, score) == pytest.approx(cell_map(truth.T, score.T).map, abs=1e-9)
+
+
+def test_average_precision_is_nan_without_positives():
+    truth = np.zeros((2, 10), dtype=bool)
+    truth[0, 3] = True
+    ap = average_precision(truth, np.random.default_rng(0).random((2, 10)))
+    assert np.isfinite(ap[0]) and np.isnan(ap[1])
+
+
+# --- correlation and blocks ----------------------------------------------------------------------
+
+
+def test_streamed_correlation_equals_numpy(synthetic):
+    oof = synthetic.oof
+    stacked = np.stack([oof.cell[m] for m in oof.models]).astype(np.float64)  # (models, classes, cells)
+    corr = correlation_matrix(oof, chunk_rows=100)  # many chunks, some straddling nothing
+    np.testing.assert_allclose(corr.to_numpy(), np.corrcoef(stacked.reshape(len(oof.models), -1)), atol=1e-10)
+    per_class = correlation_matrix(oof, per_class=True, chunk_rows=100)
+    np.testing.assert_allclose(per_class[CLASS_NAMES[3]].to_numpy(), np.corrcoef(stacked[:, 3]), atol=1e-10)
+    rows = oof.fold_slices()[2]
+    keep = np.r_[0 : rows.start, rows.stop : oof.n_cells]
+    without = prediction_moments(oof, chunk_rows=100).correlation(exclude_fold=2)
+    expected = np.corrcoef(stacked[:, :, keep].reshape(len(oof.models), -1))
+    np.testing.assert_allclose(without.to_numpy(), expected, atol=1e-10)
+
+
+def test_blocks_recover_the_families(synthetic, spec):
+    block_of = {m: b for b, models in spec.blocks.items() for m in models}
+    models = synthetic.oof.models
+    assert spec.block_rule == "silhouette"
+    assert adjusted_rand_score([synthetic.family[m] for m in models], [block_of[m] for m in models]) == 1.0
+
+
+def test_fixed_threshold_cuts_where_told(spec):
+    one_block = find_blocks(spec.correlation, threshold=1.99)
+    singletons = find_blocks(spec.correlation, threshold=0.0)
+    assert len(one_block.blocks) == 1 and len(singletons.blocks) == len(spec.models)
+
+
+def test_best_member_of_each_block(synthetic, spec):
+    truth = _truth(synthetic)
+    for block, models in spec.blocks.items():
+        reference = {m: _sklearn_map(truth, synthetic.oof.cell[m]) for m in models}
+        assert spec.members[block] == max(reference, key=reference.get)
+        assert spec.members[block].endswith("_0")  # the simulator's strongest model of the family
+        assert spec.model_map[spec.members[block]] == pytest.approx(reference[spec.members[block]], abs=1e-9)
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+
+def test_ensemble_beats_best_single(spec):
+    assert spec.scores["hcpl"].in_sample > spec.scores["best_single"].in_sample
+    assert spec.scores["hcpl"].nested_pooled > spec.scores["best_single"].nested_pooled
+    assert spec.scores["greedy"].nested_pooled > spec.scores["best_single"].nested_pooled
+
+
+def test_nested_scores_are_out_of_sample(spec):
+    hcpl = spec.scores["hcpl"]
+    assert len(hcpl.nested_folds) == 4
+    assert hcpl.nested_mean == pytest.approx(np.mean(list(hcpl.nested_folds.values())))
+    # mean_all fits nothing, so its pooled out-of-sample score is its in-sample score
+    assert spec.scores["mean_all"].nested_pooled == pytest.approx(spec.scores["mean_all"].in_sample)
+
+
+def test_nested_scores_expose_selection_bias():
+    """12 equally good models: the in-sample best is partly luck, which nested scoring removes."""
+    rng = np.random.default_rng(3)
+    n = 600
+    truth = rng.random((NUM_CLASSES, n)) < 0.1
+    cells = np.arange(n)
+    index = pd.DataFrame({"image_id": [f"i{i // 6:03d}" for i in cells], "cell_id": cells % 6, "fold": cells * 4 // n})
+    noisy = {f"m{j}": 1 / (1 + np.exp(-(0.8 * truth + rng.standard_normal(truth.shape)))) for j in range(12)}
+    oof = OOFSet(index=index, cell={m: p.astype(np.float32) for m, p in noisy.items()})
+    spec = select_ensemble(oof, truth.T.astype(float), fusion="off", greedy=False)
+    for method in ("hcpl", "best_single"):
+        assert spec.scores[method].in_sample > spec.scores[method].nested_pooled + 0.005
+
+
+def test_apply_spec_reproduces_the_in_sample_score(synthetic, spec):
+    frames = {m: synthetic.oof.to_frames()[m].drop(columns="fold") for m in spec.models}
+    shuffled = {m: f.sample(frac=1.0, random_state=3) for m, f in frames.items()}  # rows in any order
+    predicted = apply_spec(spec, shuffled)
+    merged = synthetic.labels.merge(predicted, on=["image_id", "cell_id"])
+    truth = merged[[f"label_{k}" for k in range(NUM_CLASSES)]].to_numpy(dtype=bool).T
+    score = merged[[f"cell_{k}" for k in range(NUM_CLASSES)]].to_numpy().T
+    assert _sklearn_map(truth, score) == pytest.approx(spec.scores["hcpl"].in_sample, abs=1e-9)
+
+
+def test_hierarchical_aggregation_is_a_mean_of_group_means():
+    predictions = {name: np.full((1, 2), value, dtype=np.float32) for name, value in zip("abc", (0.0, 0.2, 1.0))}
+    flat = aggregate(predictions, {"all": ["a", "b", "c"]}, dict.fromkeys("abc", 1.0))
+    grouped = aggregate(predictions, {"dsa": ["a", "b"], "cell": ["c"]}, {"a": 1.0, "b": 3.0, "c": 1.0})
+    np.testing.assert_allclose(flat, 0.4, rtol=1e-6)
+    np.testing.assert_allclose(grouped, (0.15 + 1.0) / 2, rtol=1e-6)
+
+
+# --- fusion --------------------------------------------------------------------------------------
+
+
+def test_fusion_products_where_the_image_stream_helps(spec):
+    for k, name in enumerate(CLASS_NAMES):
+        rule = spec.fusion[name]
+        assert rule.rule == ("cell" if k in OVER_LABELLED else "product"), (name, rule)
+        assert (rule.ap_product > rule.ap_cell) == (rule.rule == "product")
+    low = max(spec.fusion[CLASS_NAMES[k]].correlation for k in OVER_LABELLED)
+    assert low < spec.rho_th < min(r.correlation for r in spec.fusion.values() if r.rule == "product")
+
+
+def test_paper_and_off_fusion(synthetic):
+    paper = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", rho_th=0.3, nested=False, greedy=False)
+    assert paper.rho_th == 0.3
+    assert all((r.rule == "product") == (r.correlation > 0.3) for r in paper.fusion.values())
+    off = select_ensemble(synthetic.oof, synthetic.labels, fusion="off", nested=False, greedy=False)
+    assert {r.rule for r in off.fusion.values()} == {"cell"} and off.image_models == []
+
+
+def test_fusion_overrides_need_a_margin():
+    correlation = np.full(NUM_CLASSES, 0.9)
+    ap_product, ap_cell = np.full(NUM_CLASSES, 0.5), np.full(NUM_CLASSES, 0.6)
+    ap_product[0] = 0.9  # product wins class 0 by far; cell wins the others by 0.1
+    aps = {"ap_product": ap_product, "ap_cell": ap_cell}
+    rules, rho = decide_fusion(correlation, mode="fit", rho_th=0.5, override_margin=0.2, **aps)
+    assert rho == 0.5 and {r.rule for r in rules.values()} == {"product"}
+    rules, _ = decide_fusion(correlation, mode="fit", rho_th=0.5, override_margin=0.05, **aps)
+    assert rules[CLASS_NAMES[0]].rule == "product" and rules[CLASS_NAMES[1]].rule == "cell"
+    assert "override" in rules[CLASS_NAMES[1]].reason
+
+
+# --- greedy baseline -----------------------------------------------------------------------------
+
+
+def test_greedy_picks_complementary_models_not_the_bad_one():
+    truth = np.array([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0]], dtype=bool)
+    a = [[0.9, 0.8, 0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.4, 0.4, 0.6, 0.6]]  # right on class 0 only
+    b = [[0.4, 0.4, 0.5, 0.5, 0.6, 0.6], [0.1, 0.1, 0.9, 0.8, 0.3, 0.3]]  # right on class 1 only
+    bad = [[0.1, 0.1, 0.5, 0.5, 0.9, 0.9], [0.5, 0.5, 0.1, 0.1, 0.9, 0.9]]  # ranks negatives first
+    predictions = np.array([a, b, bad], dtype=np.float32)
+    result = greedy_selection(predictions, truth, ["a", "b", "bad"], GreedyParams(n_init=1, n_bags=1, bag_fraction=1.0))
+    assert result.weights == {"a": 0.5, "b": 0.5}
+    assert result.history == [[pytest.approx(2 / 3), 1.0]]  # a alone: AP 1 and 2/6 (tied at the bottom)
+
+
+def test_greedy_matches_a_naive_reference():
+    rng = np.random.default_rng(5)
+    truth = rng.random((4, 300)) < 0.2
+    predictions = (rng.random((5, 4, 300)) + rng.random((5, 1, 1)) * truth).astype(np.float32)
+    params = GreedyParams(n_init=2, max_size=8, n_bags=1, bag_fraction=1.0)
+    result = greedy_selection(predictions, truth, list("abcde"), params)
+
+    single = [_sklearn_map(truth, p) for p in predictions]
+    chosen = list(np.argsort(single)[::-1][:2])
+    best = _sklearn_map(truth, predictions[chosen].mean(axis=0))
+    while len(chosen) < params.max_size:
+        gains = [_sklearn_map(truth, predictions[[*chosen, j]].mean(axis=0)) for j in range(5)]
+        if max(gains) <= best + 1e-12:
+            break
+        chosen.append(int(np.argmax(gains)))
+        best = max(gains)
+    expected = {name: chosen.count(j) for j, name in enumerate("abcde") if j in chosen}
+    assert result.bags[0] == expected
+    assert result.history[0][-1] == pytest.approx(best, abs=1e-6)
+
+
+# --- persistence and reporting -------------------------------------------------------------------
+
+
+def test_json_round_trip(spec, tmp_path):
+    path = spec.to_json(tmp_path / "spec.json")
+    loaded = EnsembleSpec.from_json(path)
+    assert loaded.to_dict() == spec.to_dict()
+    assert loaded.fusion == spec.fusion and loaded.members == spec.members
+    pd.testing.assert_frame_equal(loaded.correlation, spec.correlation)
+    json.loads(path.read_text())  # strict JSON: no NaN literals
+
+
+def test_report_lists_members_blocks_rules_and_scores(spec):
+    text = spec.report()
+    for needle in [*spec.members.values(), *spec.blocks, CLASS_NAMES[15], "best_single", "greedy", "nested pooled"]:
+        assert needle in text
+
+
+def test_load_oof_dir_round_trip(synthetic, tmp_path):
+    for name, frame in synthetic.oof.to_frames().items():
+        frame.sample(frac=1.0, random_state=0).to_parquet(tmp_path / f"{name}.parquet")
+    (tmp_path / "models.json").write_text(json.dumps(synthetic.oof.tags))
+    loaded = load_oof_dir(tmp_path)
+    assert loaded.models == sorted(synthetic.oof.models) and loaded.tags == synthetic.oof.tags
+    pd.testing.assert_frame_equal(loaded.index, synthetic.oof.index)
+    for name in synthetic.oof.models:
+        np.testing.assert_array_equal(loaded.cell[name], synthetic.oof.cell[name])
+    assert set(loaded.image) == set(synthetic.oof.image)
+
+
+# --- input validation ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def frames(synthetic):
+    return synthetic.oof.to_frames()
+
+
+def test_misaligned_cells_are_named(frames, synthetic):
+    first, second = list(frames)[:2]
+    frames[second] = frames[second].iloc[5:]
+    message = rf"misaligned: model '{second}' lacks 5 of the 1920 cells of model '{first}'.*image 'img_0000000' cell"
+    with pytest.raises(ValueError, match=message):
+        OOFSet.from_frames(frames)
+
+
+def test_missing_fold_is_named(frames):
+    name = list(frames)[3]
+    frames[name] = frames[name][frames[name]["fold"] != 2]
+    with pytest.raises(ValueError, match=rf"model '{name}' has no rows for fold\(s\) \[2\]"):
+        OOFSet.from_frames(frames)
+
+
+def test_nan_is_named(frames):
+    name = list(frames)[1]
+    frames[name].loc[[3, 7], "cell_4"] = np.nan
+    with pytest.raises(ValueError, match=rf"model '{name}' has NaN in cell_4: 2"):
+        OOFSet.from_frames(frames)
+
+
+def test_conflicting_folds_are_caught(frames):
+    name = list(frames)[1]
+    frames[name].loc[0, "fold"] = (frames[name].loc[0, "fold"] + 1) % 4
+    with pytest.raises(ValueError, match=rf"model '{name}' puts 1 cells in a different fold"):
+        OOFSet.from_frames(frames)
+
+
+def test_fusion_needs_an_image_stream(frames, synthetic):
+    cla = [m for m in frames if m.startswith("cla")]
+    with pytest.raises(ValueError, match=rf"image_models: model '{cla[0]}' has no image stream"):
+        select_ensemble(frames, synthetic.labels, image_models=[cla[0]], nested=False, greedy=False)
+    cell_only = {m: frames[m] for m in cla}
+    with pytest.raises(ValueError, match="fusion='fit' needs a model with an image stream"):
+        select_ensemble(cell_only, synthetic.labels, nested=False, greedy=False)
+    spec = select_ensemble(cell_only, synthetic.labels, fusion="off", nested=False, greedy=False)
+    assert set(spec.members.values()) <= set(cla)
+
+
+def test_fit_needs_cell_level_truth(synthetic):
+    labels = synthetic.labels.assign(cell_truth=False)
+    with pytest.raises(ValueError, match="needs rows with cell-level truth"):
+        select_ensemble(synthetic.oof, labels, nested=False, greedy=False)
+
+
+def test_labels_must_cover_every_cell(synthetic):
+    with pytest.raises(ValueError, match="labels are not aligned with the OOF: they lack 8 of the 1920 OOF cells"):
+        select_ensemble(synthetic.oof, synthetic.labels.iloc[8:], nested=False, greedy=False)
+    with pytest.raises(ValueError, match="labels array has shape"):
+        select_ensemble(synthetic.oof, np.zeros((10, NUM_CLASSES)), nested=False, greedy=False)
+
+
+def test_apply_spec_names_missing_predictions(spec, frames):
+    with pytest.raises(ValueError, match="predictions lack the ensemble's models"):
+        apply_spec(spec, {m: frames[m] for m in list(frames)[:1]})
+    image_columns = [f"image_{k}" for k in range(NUM_CLASSES)]
+    cell_only = {m: f.drop(columns=image_columns, errors="ignore") for m, f in frames.items()}
+    with pytest.raises(ValueError, match=r"lack the image stream \(image_0..image_18\) that fusion needs"):
+        apply_spec(spec, cell_only)
+
+
+# --- MLflow --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """One real SQLite tracking store for the module's MLflow tests (creating one takes seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    yield root
+    mlflow.set_tracking_uri(None)
+
+
+def test_log_to_mlflow_with_sqlite(spec, tracking):
+    plot = plot_correlation(spec, tracking / "correlation.png")
+    assert plot.stat().st_size > 10_000
+    experiment = mlflow.create_experiment("selection", artifact_location=(tracking / "selection").as_uri())
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        log_to_mlflow(spec, [plot])
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_to_mlflow(spec, [plot])
+    client = MlflowClient()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "ensemble")}
+    assert logged == {"ensemble/ensemble_spec.json", "ensemble/correlation.png"}
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="ensemble/ensemble_spec.json", dst_path=str(tracking / "dl")
+    )
+    assert EnsembleSpec.from_json(local).members == spec.members
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["map_hcpl_nested"] == pytest.approx(spec.scores["hcpl"].nested_pooled)
+
+
+def test_load_oof_mlflow_concatenates_folds(synthetic, tracking):
+    experiment = mlflow.create_experiment("zoo", artifact_location=(tracking / "zoo").as_uri())
+    frames = synthetic.oof.to_frames()
+    names = list(frames)[:3]
+    for name in names:
+        for fold, part in frames[name].groupby("fold"):
+            with mlflow.start_run(experiment_id=experiment):
+                mlflow.set_tags({"model": name, "fold": str(fold), **synthetic.oof.tags[name]})
+                path = tracking / f"{name}_{fold}.parquet"
+                part.to_parquet(path)
+                mlflow.log_artifact(str(path), "oof")  # logged under its own name: not the contract's
+                mlflow.log_artifact(str(path.rename(tracking / "oof.parquet")), "oof")
+    with mlflow.start_run(experiment_id=experiment):  # a sweep trial: no model tag, no OOF
+        mlflow.log_metric("loss", 1.0)
+    loaded = load_oof_mlflow("zoo")
+    assert loaded.models == sorted(names)
+    assert loaded.tags[names[0]] == synthetic.oof.tags[names[0]]
+    for name in names:
+        np.testing.assert_array_equal(loaded.cell[name], synthetic.oof.cell[name])

@@ -1,0 +1,178 @@
+"""Training jobs under a real local Ray: DDP, complete OOF, MLflow records, resumable zoos, sweeps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ensemble import tracking
+from ensemble.data.cells import CellStore, prepare
+from ensemble.selectors import EnsembleSpec, load_oof_dir
+from ensemble.storage import read_parquet
+from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
+from ensemble.trainers.loop import CELL_COLUMNS, IMAGE_COLUMNS
+from ensemble.trainers.spec import SpecError, load_zoo
+from ensemble.trainers.sweep import load_search_space, sweep
+from ensemble.trainers.pipeline import select_step
+from ensemble.trainers.zoo import train_zoo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(small_dataset, tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("store") / "store")
+    prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
+    return uri
+
+
+def context(tmp_path, store, zoo="tiny") -> RunContext:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return RunContext(zoo=zoo, store=store, workdir=str(tmp_path / "work"),
+                      experiment_id=tracking.ensure_experiment(zoo, uri), tracking_uri=uri, fingerprint="test")
+
+
+def assert_complete_oof(table: pd.DataFrame, store: CellStore, folds) -> None:
+    expected = store.cells[store.cells["fold"].isin(folds)]
+    keys = set(zip(table["image_id"], table["cell_id"]))
+    assert len(table) == len(expected) == len(keys), "every cell exactly once"
+    assert keys == set(zip(expected["image_id"], expected["cell_id"]))
+    probabilities = table[CELL_COLUMNS].to_numpy()
+    assert np.isfinite(probabilities).all() and (probabilities >= 0).all() and (probabilities <= 1).all()
+
+
+def test_two_worker_ddp_job_writes_complete_oof(tmp_path, store, tiny_zoo_file):
+    spec = load_zoo(tiny_zoo_file).model("dsa_tiny")
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, num_workers=2, cpus_per_worker=1.0,
+                                                               epochs=2))
+    ctx = context(tmp_path, store)
+    result = trainer_for(spec, 1, ctx).fit()
+    summary = result.return_value
+    assert summary["world_size"] == 2
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    oof = read_parquet(oof_uri(ctx.workdir, spec.name, 1))
+    assert_complete_oof(oof, CellStore(store), [1])
+    assert set(IMAGE_COLUMNS) <= set(oof.columns), "DSA OOF carries the image stream"
+    # every cell of an image carries the same image-stream prediction
+    assert (oof.groupby("image_id")[IMAGE_COLUMNS].nunique() == 1).all().all()
+
+
+def test_fit_job_records_run_and_is_skipped_when_done(tmp_path, store, tiny_zoo_file):
+    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
+    ctx = context(tmp_path, store)
+    first = fit_job(spec, 0, ctx)
+    assert not first.skipped and 0 <= first.best_val_map <= 1
+    client = MlflowClient(ctx.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_MODEL] == "cla_tiny" and run.data.tags[tracking.TAG_FOLD] == "0"
+    assert run.data.tags[tracking.TAG_FAMILY] == "test"
+    assert run.data.params["head"] == "cla"
+    history = client.get_metric_history(first.run_id, "val_map")
+    assert [m.step for m in history] == [0]
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"oof", "checkpoint", "curves.png"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="oof/oof.parquet",
+                                                tracking_uri=ctx.tracking_uri)
+    assert_complete_oof(pd.read_parquet(local), CellStore(store), [0])
+
+    again = fit_job(spec, 0, ctx)
+    assert again.skipped and again.run_id == first.run_id
+    assert len(tracking.find_runs(ctx.experiment_id, {tracking.TAG_MODEL: "cla_tiny"}, ctx.tracking_uri)) == 1
+
+
+def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file):
+    zoo = load_zoo(tiny_zoo_file)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_zoo(zoo, store, str(tmp_path / "work"), tracking_uri=uri, progress=False)
+    assert sorted(result.oof) == ["cla_tiny", "dsa_tiny"]
+    cells = CellStore(store)
+    for model, path in result.oof.items():
+        assert_complete_oof(read_parquet(path), cells, [0, 1, 2])
+    assert set(result.summary["model"]) == {"cla_tiny", "dsa_tiny"}
+    assert (result.summary["labels"] == "truth").all()
+    runs = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "job"}, uri)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags[tracking.TAG_PARENT] == result.parent_run_id for r in runs)
+
+    rerun = train_zoo(zoo, store, str(tmp_path / "work"), tracking_uri=uri, progress=False)
+    assert all(job.skipped for job in rerun.jobs)
+    assert len(tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "job"}, uri)) == 6
+
+    # The OOF directory train_zoo leaves is what the selector reads.
+    spec = select_step(load_oof_dir(tmp_path / "work" / "oof"), store, str(tmp_path / "ensemble"),
+                       result.experiment_id, uri, result.parent_run_id, nested=False, greedy=False)
+    assert sorted(spec.models) == ["cla_tiny", "dsa_tiny"] and spec.members
+    assert EnsembleSpec.from_json(tmp_path / "ensemble" / "ensemble_spec.json").members == spec.members
+    assert (tmp_path / "ensemble" / "correlation.png").stat().st_size > 0
+    (select_run,) = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "select"}, uri)
+    assert select_run.info.status == "FINISHED" and "map_hcpl" in select_run.data.metrics
+
+
+def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
+    ctx = context(tmp_path, store)
+    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
+    first = fit_job(spec, 2, ctx)
+    changed = fit_job(dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=3e-3)), 2, ctx)
+    assert not changed.skipped and changed.run_id != first.run_id
+
+
+def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo_file):
+    space_file = tmp_path / "space.yaml"
+    # lr 1e-9 cannot learn: ASHA should cut those trials at its first rung.
+    space_file.write_text("lr: {type: choice, values: [1.0e-9, 3.0e-3]}\n"
+                          "weight_decay: {type: loguniform, low: 1.0e-6, high: 1.0e-4}\n")
+    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
+    # Two trials at once on 2 CPUs: each trial's driver holds 0.01 CPU, its worker 0.9.
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4, cpus_per_worker=0.9))
+    ctx = context(tmp_path, store)
+    result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=2)
+    iterations = result.trials["training_iteration"]
+    assert len(result.trials) == 4
+    assert iterations.min() < 4 <= iterations.max(), "ASHA stopped some trials before the last epoch"
+    assert result.best_val_map == pytest.approx(result.trials["val_map"].max())
+    assert yaml.safe_load(open(result.config_uri)) == result.best_config
+    trial_runs = tracking.find_runs(ctx.experiment_id, {tracking.TAG_KIND: "trial"}, ctx.tracking_uri)
+    assert len(trial_runs) == 4
+
+
+def test_search_space_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lrr: {type: uniform, low: 0.1, high: 0.2}\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: lrr: unknown key"):
+        load_search_space(bad)
+    bad.write_text("lr: {type: gaussian, low: 0.1}\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: lr: needs 'type'"):
+        load_search_space(bad)
+    bad.write_text("lr: {type: uniform, low: 0.1}\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: lr: .*missing \['high'\]"):
+        load_search_space(bad)
+    for head in ("dsa", "cla", "clh"):
+        assert "lr" in load_search_space(head)
+
+
+def test_zoo_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text("models:\n  - {name: a, head: xyz, backbone: test_resnet}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: models\[0\].*head must be one of"):
+        load_zoo(bad)
+    bad.write_text("models:\n  - {name: a, head: cla, backbone: test_resnet, train: {epoch: 3}}\n")
+    with pytest.raises(SpecError, match=r"models\[0\]\.train: unknown key\(s\) \['epoch'\]"):
+        load_zoo(bad)
+    with pytest.raises(SpecError, match="built-in zoos"):
+        load_zoo("no_such_zoo")
+    quick, hcpl = load_zoo("quick"), load_zoo("hcpl")
+    assert len({m.backbone.split("_")[0] for m in quick.models}) >= 3 and {m.head for m in quick.models} >= {"dsa", "cla"}
+    assert len(hcpl.models) == 9 and [m.head for m in hcpl.models].count("dsa") == 4

@@ -1,0 +1,14 @@
+"""Train a whole zoo, select its ensemble and register it: the entry point of `ray submit`.
+
+    ray submit cluster.yaml train_all.py -- --zoo hcpl --data s3://BUCKET/hpa --workdir s3://BUCKET/runs
+    python train_all.py                     # the built-in default: simulated data, the quick zoo, local Ray
+
+Every option is that of `ensemble train-all` (see `ensemble train-all --help`).
+"""
+
+import sys
+
+from ensemble.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train-all", *sys.argv[1:]]))
