@@ -2,7 +2,8 @@
 
 For one representative per family of the paper (``family_representatives()``) at its configured
 cell size, a CLA model (backbone + Weibull pooling + FC) runs forward+backward on random 4-channel
-cells: images/s. On the same model's feature map, Weibull pooling (eq. 2-4) and plain global
+cells: images/s, and images per CPU-second (all threads together; nearly immune to other
+processes on a shared machine, which inflate wall times). On the same model's feature map, Weibull pooling (eq. 2-4) and plain global
 average pooling each run forward+backward: their time ratio, and the Weibull's extra time as a
 share of the whole training step. Prints a markdown table headed by the machine.
 
@@ -54,11 +55,11 @@ def machine(device: torch.device, threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}, load average {load:.1f}"
 
 
-def time_steps(step, iters: int, device: torch.device) -> float:
-    """Fastest of ``iters`` calls of ``step()`` in seconds, after one untimed warm-up call.
+def time_steps(step, iters: int, device: torch.device) -> tuple[float, float]:
+    """Fastest of ``iters`` calls of ``step()``: (wall seconds, process CPU seconds), after one warm-up call.
 
-    The minimum, as ``timeit`` reports: on a shared machine other processes only ever slow a
-    step down.
+    Minima, as ``timeit`` reports: on a shared machine other processes only ever slow a step
+    down. CPU seconds (all threads together) barely depend on such contention at all.
     """
 
     def sync():
@@ -66,14 +67,15 @@ def time_steps(step, iters: int, device: torch.device) -> float:
             torch.cuda.synchronize(device)
 
     step()
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
         sync()
-        start = time.perf_counter()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
 
 
 def bench_family(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -89,7 +91,7 @@ def bench_family(name: str, args: argparse.Namespace, device: torch.device) -> d
             logits = model(cells)
         logits.float().mean().backward()
 
-    step_s = time_steps(train_step, args.iters, device)
+    step_s, step_cpu_s = time_steps(train_step, args.iters, device)
 
     with torch.no_grad(), autocast:
         features = model.forward_features(cells)
@@ -103,11 +105,12 @@ def bench_family(name: str, args: argparse.Namespace, device: torch.device) -> d
                 out = pool(leaf)
             out.float().mean().backward()
 
-        pool_s[pool_name] = time_steps(pool_step, args.pool_iters, device)
+        pool_s[pool_name], _ = time_steps(pool_step, args.pool_iters, device)
     return {
         "backbone": name,
         "size": size,
         "images_s": args.batch / step_s,
+        "images_cpu_s": args.batch / step_cpu_s,
         "features": "x".join(str(d) for d in features.shape[1:]),
         "pool_ratio": pool_s["weibull"] / pool_s["avg"],
         "weibull_share": (pool_s["weibull"] - pool_s["avg"]) / step_s,
@@ -122,14 +125,18 @@ def main() -> None:
         [f"batch {args.batch}"] + ["channels-last"] * args.channels_last + ["bf16 autocast"] * args.bf16
     )
     print(f"Machine: {machine(device, args.threads)}; {mode}; forward+backward\n")
-    print("| family | backbone | cell size | images/s | feature map | Weibull / avg pool time | Weibull extra, % of step |")
-    print("|---|---|---:|---:|---|---:|---:|")
+    print(
+        "| family | backbone | cell size | images/s | images per CPU-s | feature map "
+        "| Weibull / avg pool time | Weibull extra, % of step |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|")
     for family, name in family_representatives().items():
         if args.families and family not in args.families:
             continue
         row = bench_family(name, args, device)
         print(
-            f"| {family} | {row['backbone']} | {row['size']} | {row['images_s']:.1f} | {row['features']} "
+            f"| {family} | {row['backbone']} | {row['size']} | {row['images_s']:.1f} | {row['images_cpu_s']:.1f} "
+            f"| {row['features']} "
             f"| {row['pool_ratio']:.1f}x | {100 * row['weibull_share']:.2f} |",
             flush=True,
         )

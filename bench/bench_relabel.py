@@ -110,7 +110,8 @@ def main() -> None:
         betas += beta_rows
         seconds[difficulty] = round(time.perf_counter() - started)
     ray.shutdown()
-    print(f"{args.images} images of {args.size} px, crops {args.cell_size} px, 3 folds; DSA and CLA on {args.backbone}, "
+    print(f"{args.images} images of {args.size} px, crops {args.cell_size} px, 3 folds; "
+          f"DSA and CLA on {args.backbone}, "
           f"{args.epochs} epochs each; CRA beta {args.beta:g}, {args.rounds} rounds; OOF mAP against cell truth. "
           f"Wall seconds per difficulty: {seconds}\n")
     print(markdown(rows))

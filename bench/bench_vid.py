@@ -7,7 +7,7 @@ against good/bad; for the capture CNN also its 4-class accuracy against the true
 If ``bench/bench_relabel.py`` has left OOF tables in the same work directory, the cell mAP of each
 with and without the held-out integrity weights is reported too (the paper's "+0.8 % mAP").
 
-    python bench/bench_vid.py                                   # medium and hard, 150 images, 5 folds
+    python bench/bench_vid.py                                   # medium and hard, 150 images, 5 folds, ~8 min
     python bench/bench_vid.py --difficulties hard --images 60 --splits 3 --epochs 8
 """
 
@@ -40,7 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cell-size", type=int, default=48, help="crop side S of the store")
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--backbone", default="test_efficientnet")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=8, help="of the capture CNN (IntegrityModel default: 15)")
+    parser.add_argument("--cuts", type=int, default=2, help="border cuts per whole cell and epoch (default: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--workdir", default="/tmp/ensemble-bench", help="simulated data and stores are cached here")
     return parser.parse_args()
@@ -103,7 +104,8 @@ def main() -> None:
         uri = simulated_store(args.workdir, difficulty, args.images, args.size, args.cell_size)
         store = CellStore(uri)
         started, cpu = time.perf_counter(), time.process_time()
-        cv = cross_validate_integrity(store, n_splits=args.splits, backbone=args.backbone, epochs=args.epochs)
+        cv = cross_validate_integrity(store, n_splits=args.splits, backbone=args.backbone, epochs=args.epochs,
+                                      cuts_per_cell=args.cuts)
         row = {"difficulty": difficulty, "cells": len(store), "bad": f"{1 - simulated_good(store.cells).mean():.1%}"}
         for score, values in cv.scores.iterrows():
             row[f"{score} acc"], row[f"{score} AUC"] = float(values["accuracy"]), float(values["auc"])
@@ -112,7 +114,8 @@ def main() -> None:
         results.append(row)
         map_rows += [{"difficulty": difficulty, **r} for r in weighted_maps(store, cv.cells)]
     print(f"{args.images} images of {args.size} px per difficulty, crops {args.cell_size} px, {args.splits}-fold CV "
-          f"grouped by image; capture CNN {args.backbone}, {args.epochs} epochs. xgb = P_xgb(good); "
+          f"grouped by image; capture CNN {args.backbone}, {args.epochs} epochs x {args.cuts} cuts per whole cell. "
+          "xgb = P_xgb(good); "
           "cnn = P(captured >= 50 %); product = xgb * cnn; expected = xgb * E[captured] / 0.9\n")
     print(markdown(results))
     if map_rows:

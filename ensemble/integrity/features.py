@@ -64,7 +64,8 @@ def read_good_csv(uri: str, cells: pd.DataFrame) -> np.ndarray:
     words = {"good": 1.0, "bad": 0.0, "true": 1.0, "false": 0.0, "1": 1.0, "0": 0.0}
     good = table["good"].astype(str).str.strip().str.lower().map(words)
     if good.isna().any():
-        raise ValueError(f"{uri}: 'good' must be 0/1, true/false or good/bad; got {table['good'][good.isna()].iloc[0]!r}")
+        example = table["good"][good.isna()].iloc[0]
+        raise ValueError(f"{uri}: 'good' must be 0/1, true/false or good/bad; got {example!r}")
     labelled = pd.MultiIndex.from_frame(table[["image_id", "cell_id"]].astype({"cell_id": np.int64}))
     if labelled.has_duplicates:
         raise ValueError(f"{uri}: {int(labelled.duplicated().sum())} cell(s) labelled more than once")

@@ -131,7 +131,7 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
         if register:
             experiment_name = experiment or zoo.name
             members = member_checkpoints(experiment_name, needed_models(ensemble), tracking_uri)
-            version = register_ensemble(ensemble, members, Preprocessing.from_store(CellStore(store_uri(workdir))),
+            version = register_ensemble(ensemble, members, Preprocessing.from_store(store_uri(workdir)),
                                         tracking_uri=tracking_uri, experiment=experiment_name)
     return PipelineResult(zoo=zoo, prepare=report, training=training, ensemble=ensemble, model_version=version,
                           sweeps=sweeps)
