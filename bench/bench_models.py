@@ -2,10 +2,11 @@
 
 For one representative per family of the paper (``family_representatives()``) at its configured
 cell size, a CLA model (backbone + Weibull pooling + FC) runs forward+backward on random 4-channel
-cells: images/s, and images per CPU-second (all threads together; nearly immune to other
-processes on a shared machine, which inflate wall times). On the same model's feature map, Weibull pooling (eq. 2-4) and plain global
-average pooling each run forward+backward: their time ratio, and the Weibull's extra time as a
-share of the whole training step. Prints a markdown table headed by the machine.
+cells: images/s, and images per CPU-second (all threads together; less sensitive than wall
+time to other processes on a shared machine). On the same model's feature map,
+Weibull pooling (eq. 2-4) and plain global average pooling each run forward+backward: their time
+ratio, and the Weibull's extra time as a share of the whole training step. Prints a markdown
+table headed by the machine.
 
     python bench/bench_models.py                                  # CPU, 2 threads
     python bench/bench_models.py --device cuda --channels-last --bf16 --batch 64
@@ -59,7 +60,7 @@ def time_steps(step, iters: int, device: torch.device) -> tuple[float, float]:
     """Fastest of ``iters`` calls of ``step()``: (wall seconds, process CPU seconds), after one warm-up call.
 
     Minima, as ``timeit`` reports: on a shared machine other processes only ever slow a step
-    down. CPU seconds (all threads together) barely depend on such contention at all.
+    down, and CPU seconds (all threads together) less so than wall time.
     """
 
     def sync():
@@ -134,8 +135,9 @@ def main() -> None:
         if args.families and family not in args.families:
             continue
         row = bench_family(name, args, device)
+        per_cpu_s = f"{row['images_cpu_s']:.1f}" if device.type == "cpu" else "n/a"  # GPU work is not CPU time
         print(
-            f"| {family} | {row['backbone']} | {row['size']} | {row['images_s']:.1f} | {row['images_cpu_s']:.1f} "
+            f"| {family} | {row['backbone']} | {row['size']} | {row['images_s']:.1f} | {per_cpu_s} "
             f"| {row['features']} "
             f"| {row['pool_ratio']:.1f}x | {100 * row['weibull_share']:.2f} |",
             flush=True,

@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     simulate(work / "data", n_images=args.images, seed=0, size=384)
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     prepare(str(work / "data"), str(work / "store"), size=48, n_folds=3, progress=False)
     store = CellStore(str(work / "store"))
     uri = f"sqlite:///{work}/mlflow.db"

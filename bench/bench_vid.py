@@ -58,7 +58,7 @@ def simulated_store(workdir: str, difficulty: str, n_images: int, size: int, cel
     if not (store / "cells.parquet").exists():
         started = not ray.is_initialized()
         if started:
-            ray.init(num_cpus=2, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, log_to_driver=False)
         prepare(str(base / "data"), str(store), size=cell_size, n_folds=n_folds, progress=False)
         if started:
             ray.shutdown()

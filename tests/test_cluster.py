@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,16 +41,41 @@ def test_cluster_yaml_passes_ray_validation():
     assert any("pip install -e /home/ubuntu/ensemble" in c for c in config["setup_commands"])
 
 
+def wait_for_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # answering (401 without the token is an answer)
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def head():
-    """A real Ray head started with `ray start`, as on a cluster; stopped at the end."""
+    """A real Ray head started with `ray start`, as on a cluster.
+
+    ``--block`` keeps it in the foreground in a process group of its own, so the teardown stops
+    this head only (``ray stop`` would stop every Ray on the machine).
+    """
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
+    # Ray 2.60 clusters require a token: the head, the job client and drivers share this one.
+    env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    process = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def train_all_command(data, zoo, workdir):
@@ -65,8 +93,12 @@ def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**head["env"], "MLFLOW_TRACKING_URI": uri}
     entrypoint = " ".join(train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work"))
-    done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"], "--", entrypoint],
-                          env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the head's job agent starts a little after its dashboard answers
+        done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"], "--", entrypoint],
+                              env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     runs = [r for r in job_runs(uri) if r.data.tags.get(tracking.TAG_KIND) == "job"]

@@ -18,7 +18,7 @@ def store(tmp_path_factory) -> CellStore:
     simulate(root, 6, seed=11, size=256)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         path = tmp_path_factory.mktemp("store") / "store"
         prepare(root, str(path), size=16, n_folds=2, chunk_size=3, progress=False)

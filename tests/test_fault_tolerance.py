@@ -99,11 +99,11 @@ def context(tmp_path, store) -> RunContext:
                       experiment_id=tracking.ensure_experiment("tiny", uri), tracking_uri=uri, fingerprint="test")
 
 
-def assert_resumed_and_complete(result, ctx, spec, fold, store):
+def assert_resumed_and_complete(result, ctx, name, fold, store):
     history = result.return_value["history"]
     # Resumed, not restarted: each epoch ran exactly once across the two worker lives.
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
-    oof = read_parquet(oof_uri(ctx.workdir, spec.name, fold))
+    oof = read_parquet(oof_uri(ctx.workdir, name, fold))  # a named run writes its OOF under its name
     expected = CellStore(store).cells.query("fold == @fold")
     assert len(oof) == len(expected) == len(set(zip(oof["image_id"], oof["cell_id"])))
 
@@ -120,7 +120,7 @@ def test_killed_worker_resumes_from_checkpoint(cluster, store, tmp_path, tiny_zo
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
     assert victims[0] not in train_worker_pids()
-    assert_resumed_and_complete(outcome["result"], ctx, spec, 0, store)
+    assert_resumed_and_complete(outcome["result"], ctx, name, 0, store)
     cluster.remove_node(node)
 
 
@@ -134,5 +134,5 @@ def test_lost_node_resumes_on_another_node(cluster, store, tmp_path, tiny_zoo_fi
     replacement = cluster.add_node(num_cpus=1)
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
-    assert_resumed_and_complete(outcome["result"], ctx, spec, 1, store)
+    assert_resumed_and_complete(outcome["result"], ctx, name, 1, store)
     cluster.remove_node(replacement)

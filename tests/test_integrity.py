@@ -19,7 +19,7 @@ FAST = dict(backbone="test_efficientnet", epochs=2, batch_size=32)
 @pytest.fixture(scope="module")
 def store(small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("integrity") / "store")
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
     yield CellStore(uri)
     ray.shutdown()

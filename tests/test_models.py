@@ -57,7 +57,8 @@ def make_cells(labels: np.ndarray, seed: int, size: int = SIZE) -> torch.Tensor:
             green += body * (0.5 + 0.5 * np.sin(np.pi / 2 * (np.cos(angle) * xx + np.sin(angle) * yy)))
         if shows[3]:
             for angle, distance in zip(rng.uniform(0, 2 * np.pi, 6), rng.uniform(0.5, 0.85, 6) * radius):
-                green += np.exp(-((yy - cy - distance * np.sin(angle)) ** 2 + (xx - cx - distance * np.cos(angle)) ** 2) / 2)
+                dot_y, dot_x = cy + distance * np.sin(angle), cx + distance * np.cos(angle)
+                green += np.exp(-((yy - dot_y) ** 2 + (xx - dot_x) ** 2) / 2)
         cell[0] = body * rng.uniform(0.4, 0.8)
         cell[1] = green * rng.uniform(0.6, 1.0)
         cell[2] = (r < 0.45 * radius) * rng.uniform(0.5, 1.0)
@@ -113,6 +114,19 @@ def train(model, batches, loss_fn, steps: int, lr: float = 3e-3) -> list[float]:
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run every test here on one torch thread.
+
+    Tiny models gain nothing from a second thread, and on a busy machine each of their many small
+    ops waits for it to be scheduled: the training tests ran ~100x slower with two threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- shapes and the factory
@@ -323,7 +337,8 @@ def test_weighted_bce_equals_torch_bce_with_unit_weights(logits_targets):
     expected = F.binary_cross_entropy_with_logits(logits, targets)
     torch.testing.assert_close(weighted_bce(logits, targets), expected)
     ones = torch.ones(NUM_CLASSES)
-    torch.testing.assert_close(WeightedBCELoss(ones)(logits, targets, torch.ones(6), torch.ones(6, dtype=torch.bool)), expected)
+    all_rows = torch.ones(6, dtype=torch.bool)
+    torch.testing.assert_close(WeightedBCELoss(ones)(logits, targets, torch.ones(6), all_rows), expected)
 
 
 def test_focal_reduces_to_bce_at_gamma_zero(logits_targets):
@@ -354,7 +369,8 @@ def test_mask_and_sample_weights(logits_targets):
     on_subset = weighted_bce(logits[mask], targets[mask])
     torch.testing.assert_close(weighted_bce(logits, targets, mask=mask), on_subset)
     torch.testing.assert_close(weighted_bce(logits, targets, sample_weights=mask.float()), on_subset)
-    torch.testing.assert_close(weighted_bce(logits, targets, sample_weights=torch.full((6,), 3.0)), weighted_bce(logits, targets))
+    uniform = weighted_bce(logits, targets, sample_weights=torch.full((6,), 3.0))
+    torch.testing.assert_close(uniform, weighted_bce(logits, targets))
     assert weighted_bce(logits, targets, mask=torch.zeros(6, dtype=torch.bool)) == 0
 
 
@@ -372,7 +388,9 @@ def test_dsa_loss_weights_streams_and_ignores_padded_cells():
     image_targets = (torch.rand(2, NUM_CLASSES, generator=generator) > 0.5).float()
     cell_targets = image_targets[:, None].expand(2, 3, NUM_CLASSES)
     valid = torch.tensor([[True, True, False], [True, False, False]])
-    output = DualStreamOutput(torch.randn(2, NUM_CLASSES, generator=generator), torch.randn(2, 3, NUM_CLASSES, generator=generator))
+    output = DualStreamOutput(
+        torch.randn(2, NUM_CLASSES, generator=generator), torch.randn(2, 3, NUM_CLASSES, generator=generator)
+    )
     loss = DSALoss()(output, image_targets, cell_targets, valid)
     expected = weighted_bce(output.image_logits, image_targets) + 0.2 * weighted_bce(
         output.cell_logits[valid], cell_targets[valid]
@@ -380,7 +398,8 @@ def test_dsa_loss_weights_streams_and_ignores_padded_cells():
     torch.testing.assert_close(loss, expected)
     garbage = output.cell_logits.clone()
     garbage[~valid] = 1e4
-    torch.testing.assert_close(DSALoss()(output._replace(cell_logits=garbage), image_targets, cell_targets, valid), loss)
+    with_garbage = DSALoss()(output._replace(cell_logits=garbage), image_targets, cell_targets, valid)
+    torch.testing.assert_close(with_garbage, loss)
 
 
 # ---------------------------------------------------------------- training on synthetic cells

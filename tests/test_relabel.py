@@ -19,7 +19,7 @@ from ensemble.trainers.spec import load_zoo
 @pytest.fixture(scope="module")
 def store(small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("relabel") / "store")
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
     yield CellStore(uri)
     ray.shutdown()

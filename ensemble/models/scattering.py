@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D  # kymatio.torch fails with scipy >= 1.15
+# Not `kymatio.torch`: it also imports kymatio's 3-D module, which fails on scipy 1.17 (no sph_harm).
+from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from timm.layers import ConvNormAct
 from timm.models.efficientnet import EfficientNet
 from torch import nn

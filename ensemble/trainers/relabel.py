@@ -173,7 +173,8 @@ def label_quality(store: CellStore | str, version: str) -> float:
 
     Only cells matched to a true cell count (the others have no true label). Soft labels rank
     cells, so a version that puts a cell's true classes above its false ones scores high; the
-    truth itself scores 1.
+    truth itself scores 1. Being a ranking score, it does not see beta: ``c -> c ** beta`` keeps
+    every class's order of cells.
 
     Parameters
     ----------
