@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -93,8 +94,11 @@ def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**head["env"], "MLFLOW_TRACKING_URI": uri}
     entrypoint = " ".join(train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work"))
+    # A job runs in the head's environment, not the submitter's: pass the tracking URI along.
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
     for _ in range(30):  # the head's job agent starts a little after its dashboard answers
-        done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"], "--", entrypoint],
+        done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"],
+                               "--runtime-env-json", runtime_env, "--", entrypoint],
                               env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in done.stdout + done.stderr:
             break

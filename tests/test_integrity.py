@@ -79,7 +79,8 @@ def test_targets_from_truth_and_from_a_hand_labelled_csv(store, tmp_path):
 
 def test_vid_separates_cut_cells_from_whole_ones_on_held_out_images(store):
     result = cross_validate_integrity(store, n_splits=3, **FAST)
-    # Measured on this 24-image store: XGBoost AUC 0.97, accuracy 0.92.
+    # Measured on this 24-image store: XGBoost AUC 0.970, accuracy 0.916; product AUC 0.966 (a
+    # 2-epoch capture CNN adds little here; bench_vid.py trains it properly).
     assert result.scores.loc["xgb", "auc"] > 0.9
     assert result.scores.loc["xgb", "accuracy"] > 0.85
     assert result.scores.loc["product", "auc"] > 0.85
