@@ -10,6 +10,9 @@ import pytest
 # Keep Ray quiet and its workers single-threaded: the suite runs on 2 cores.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# A loaded 2-core machine can take over Ray Train's default 60 s to start a worker group; a
+# timed-out start is retried from scratch, which under load can repeat without end.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
 @pytest.fixture(scope="session")

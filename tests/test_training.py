@@ -135,10 +135,11 @@ def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo
     space_file.write_text("lr: {type: choice, values: [1.0e-9, 3.0e-3]}\n"
                           "weight_decay: {type: loguniform, low: 1.0e-6, high: 1.0e-4}\n")
     spec = load_zoo(tiny_zoo_file).model("cla_tiny")
-    # Two trials at once on 2 CPUs: each trial's driver holds 0.01 CPU, its worker 0.9.
+    # One trial at a time (a trial's driver holds 0.01 CPU, its worker 0.9): later trials are
+    # measured against the earlier ones at each ASHA rung.
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4, cpus_per_worker=0.9))
     ctx = context(tmp_path, store)
-    result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=2)
+    result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=1)
     iterations = result.trials["training_iteration"]
     assert len(result.trials) == 4
     assert iterations.min() < 4 <= iterations.max(), "ASHA stopped some trials before the last epoch"
