@@ -114,8 +114,12 @@ def test_rerun_on_a_finished_store_returns_at_once(store, dataset):
 
 def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
     resumed = tmp_path / "resumed"
+    # The child starts its own local Ray: left to find "the existing cluster" it may pick up a
+    # stale address from an earlier Ray on this machine and wait minutes for a GCS that is gone.
     script = textwrap.dedent(f"""
+        import ray
         from ensemble.data.cells import prepare
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
         prepare({str(dataset)!r}, {str(resumed)!r}, num_workers=1, **{SETTINGS!r})
     """)
     # Its own session (process group), so the kill takes the driver and the Ray it started.
