@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -74,9 +75,13 @@ def cmd_train_all(args) -> int:
 
     _ray_init()
     data = args.data or default_dataset(args.workdir, args.images, args.seed, args.image_px, args.difficulty)
-    overrides = {"epochs": args.epochs} if args.epochs else None
-    result = train_all(args.zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
-                       tracking_uri=args.tracking_uri, overrides=overrides, sweep=args.sweep,
+    from ensemble.trainers.spec import RelabelSettings, load_zoo
+
+    zoo = load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None)
+    if args.relabel_rounds is not None:
+        zoo = dataclasses.replace(zoo, relabel=RelabelSettings(args.relabel_rounds, zoo.relabel.beta))
+    result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
+                       tracking_uri=args.tracking_uri, sweep=args.sweep,
                        sweep_samples=args.sweep_samples)
     print(result.report())
     return 0
@@ -115,8 +120,10 @@ def cmd_select(args) -> int:
 
 def cmd_demo(args) -> int:
     """train-all on the built-in default, then the registered ensemble scored on unseen simulated images."""
+    import pandas as pd
+
     from ensemble.data.synthetic import simulate
-    from ensemble.evaluate import evaluate
+    from ensemble.evaluate import evaluate, prediction_members
     from ensemble.predict import predict_images
 
     out = Path(args.out).resolve()
@@ -125,18 +132,24 @@ def cmd_demo(args) -> int:
     cmd_train_all(argparse.Namespace(
         zoo="quick", data=None, workdir=str(out), images=args.images, seed=0, image_px=args.image_px,
         difficulty=args.difficulty, experiment=None, tracking_uri=None, epochs=args.epochs, sweep=False,
-        sweep_samples=0))
+        sweep_samples=0, relabel_rounds=args.relabel_rounds))
     test_root = out / "test_data"
     if not (test_root / "test.csv").exists():
         # Another seed than the training data's, in a folder of its own: images no model has seen.
         simulate(test_root, n_images=args.test_images, seed=1000, size=args.image_px, difficulty=args.difficulty,
                  split="test")
     predictions = predict_images("models:/hpa-ensemble@champion", str(test_root), split="test",
-                                 out=str(out / "test_predictions.parquet"))
-    scores = evaluate(predictions.out, str(test_root), plot=out / "test_per_class.png")
-    print(f"\nRegistered ensemble on {scores.n_images} held-out simulated test images ({scores.n_cells} cells):")
-    print(f"  competition mAP (mask IoU >= 0.6): {scores.competition.map:.4f}")
-    print(f"  cell mAP:                          {scores.cell.map:.4f}")
+                                 out=str(out / "test_predictions.parquet"), members=True)
+    rows = {"ensemble": evaluate(predictions.out, str(test_root), plot=out / "test_per_class.png")}
+    for member in prediction_members(predictions.out):
+        rows[member] = evaluate(predictions.out, str(test_root), plot=out / f"test_per_class_{member}.png",
+                                member=member)
+    table = pd.DataFrame({"competition_map": [r.competition.map for r in rows.values()],
+                          "cell_map": [r.cell.map for r in rows.values()]}, index=pd.Index(list(rows), name="model"))
+    scores = rows["ensemble"]
+    print(f"\nRegistered ensemble and its member networks on {scores.n_images} held-out simulated test images "
+          f"({scores.n_cells} cells; competition mAP: mask IoU >= 0.6):")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"  per-class AP plot: {out / 'test_per_class.png'};  MLflow: mlflow ui --backend-store-uri "
           f"{os.environ['MLFLOW_TRACKING_URI']}")
     return 0
@@ -185,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
     p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
     p.add_argument("--sweep-samples", type=int, default=8)
+    p.add_argument("--relabel-rounds", type=int, default=None, help="CRA rounds (default: the zoo's relabel.rounds)")
     p.set_defaults(func=cmd_train_all)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA + Optuna) of one model of a zoo on one fold")
@@ -213,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="medium")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--test-images", type=int, default=40, help="held-out simulated images to score the ensemble on")
+    p.add_argument("--relabel-rounds", type=int, default=None, help="CRA rounds before the zoo (default: none)")
     p.set_defaults(func=cmd_demo)
 
     from ensemble.cli_product import add_commands

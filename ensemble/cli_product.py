@@ -48,7 +48,7 @@ def cmd_predict(args) -> int:
     root, split = image_root(args.images, args.split)
     ids = Path(args.ids).read_text().split() if args.ids else None
     result = predict_images(args.model, root, ids, split=split, out=args.out, engine=args.engine,
-                            batch_size=args.batch_size, num_workers=args.workers)
+                            batch_size=args.batch_size, num_workers=args.workers, members=args.members)
     print(result.summary())
     return 0
 
@@ -56,7 +56,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from ensemble.evaluate import evaluate
 
-    print(evaluate(args.predictions, args.data, iou=args.iou, plot=args.plot).report())
+    print(evaluate(args.predictions, args.data, iou=args.iou, plot=args.plot, member=args.member).report())
     return 0
 
 
@@ -90,6 +90,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     p.add_argument("--workers", type=int, default=None, help="Ray segmentation actors")
+    p.add_argument("--members", action="store_true", help="also keep each member's own probabilities (parquet)")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_predict)
 
@@ -98,4 +99,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("data", help="dataset root with truth/")
     p.add_argument("--iou", type=float, default=0.6)
     p.add_argument("--plot", default=None, help="per-class bar plot PNG (default: beside PREDICTIONS)")
+    p.add_argument("--member", default=None, help="score this member's own probabilities (predict --members)")
     p.set_defaults(func=cmd_evaluate)

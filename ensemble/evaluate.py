@@ -21,7 +21,7 @@ from ensemble.data import hpa
 from ensemble.data.segment import match_cells
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.metrics import ImageCells, MapResult, cell_map, competition_map
-from ensemble.registry import CELL_COLUMNS
+from ensemble.registry import CELL_COLUMNS, member_columns
 from ensemble.submission import decode_mask, read_submission
 
 
@@ -64,7 +64,7 @@ class EvaluationResult:
 
 
 def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6,
-             plot: str | Path | None = None) -> EvaluationResult:
+             plot: str | Path | None = None, member: str | None = None) -> EvaluationResult:
     """Score a prediction file (``preds.parquet`` or a submission ``.csv``) against ``DATA/truth``.
 
     Only images that are both predicted and in the truth are scored (a subset of a labelled set
@@ -81,6 +81,9 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     plot : str or Path, optional
         Where to write the per-class bar plot; default ``{predictions stem}_per_class_ap.png``
         beside the predictions.
+    member : str, optional
+        Score this member network's own probabilities (written by ``predict_images(...,
+        members=True)``; :func:`prediction_members` lists them) instead of the ensemble's.
 
     Raises
     ------
@@ -90,7 +93,7 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     truth = hpa.read_truth(data_root)
     if truth is None:
         raise ValueError(f"{data_root} has no ground truth (truth/cell_labels.csv)")
-    predicted = load_predictions(predictions)
+    predicted = load_predictions(predictions, CELL_COLUMNS if member is None else member_columns(member))
     known = set(truth.image_ids)
     ids = [i for i in predicted if i in known]
     if not ids:
@@ -122,8 +125,16 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     return EvaluationResult(cell, competition, per_class, len(ids), n_cells, matched / max(n_cells, 1), path)
 
 
-def load_predictions(path: str | Path) -> dict[str, ImageCells]:
+def prediction_members(path: str | Path) -> list[str]:
+    """The member networks whose own probabilities a ``preds.parquet`` holds (``members=True``)."""
+    names = pd.read_parquet(path).columns if Path(path).suffix == ".parquet" else []
+    return [c[: -len(".cell_0")] for c in names if c.endswith(".cell_0")]
+
+
+def load_predictions(path: str | Path, columns: list[str] = CELL_COLUMNS) -> dict[str, ImageCells]:
     """Predicted cells per image from ``preds.parquet`` (per-cell rows) or a submission CSV.
+
+    ``columns``: the 19 probability columns to read from a parquet table (default the ensemble's).
 
     In a CSV a cell appears once per class with the same mask; ``read_submission`` decodes each
     mask text once per image, so the distinct mask arrays of an image are its cells. Classes a
@@ -144,12 +155,15 @@ def load_predictions(path: str | Path) -> dict[str, ImageCells]:
             images[image_id] = ImageCells(mask, cell_ids, np.array([scores[c] for c in cell_ids]).reshape(-1, NUM_CLASSES))
         return images
     table = pd.read_parquet(path)
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise ValueError(f"{path}: no column(s) {absent[:3]}{'...' if len(absent) > 3 else ''}")
     for image_id, cells in table.groupby("image_id", sort=False):
         height, width = int(cells["height"].iloc[0]), int(cells["width"].iloc[0])
         mask = np.zeros((height, width), np.int32)
         for cell_id, rle in zip(cells["cell_id"], cells["rle"]):
             mask[decode_mask(rle, height, width)] = cell_id
-        images[str(image_id)] = ImageCells(mask, cells["cell_id"].to_numpy(), cells[CELL_COLUMNS].to_numpy())
+        images[str(image_id)] = ImageCells(mask, cells["cell_id"].to_numpy(), cells[columns].to_numpy())
     return images
 
 

@@ -80,6 +80,7 @@ def predict_images(
     num_workers: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    members: bool = False,
 ) -> PredictResult:
     """Predict the cells of images in the Kaggle layout (``{data_root}/{split}/{ID}_{channel}.png``).
 
@@ -108,6 +109,9 @@ def predict_images(
         available (on Ray: when the cluster has a GPU, the network actor takes one).
     progress : bool
         Show a progress bar (images, cells/s).
+    members : bool
+        Also keep each member network's own cell probabilities (``registry.member_columns``),
+        so that :func:`ensemble.evaluate.evaluate` can score the members beside the ensemble.
     """
     if out is not None and Path(str(out)).suffix not in (".parquet", ".csv"):
         raise ValueError(f"out must end in .parquet (per-cell table) or .csv (Kaggle submission), got {out}")
@@ -119,10 +123,10 @@ def predict_images(
         engine = "ray" if len(ids) >= RAY_MIN_IMAGES else "local"
     if engine == "local":
         cells, images, report, timings = _predict_local(model_uri, str(data_root), ids, split, batch_size, device,
-                                                        progress)
+                                                        progress, members)
     else:
         cells, images, report, timings = _predict_ray(model_uri, str(data_root), ids, split, batch_size, num_workers,
-                                                      device, progress)
+                                                      device, progress, members)
     cells = cells.sort_values(["image_id", "cell_id"], ignore_index=True)
     result = PredictResult(cells, images, report, None if out is None else str(out), 0.0, timings)
     if out is not None:
@@ -157,9 +161,10 @@ def _results(cells: list[pd.DataFrame], images: list[tuple], report, timings):
     return cells, images, report, timings
 
 
-def _predict_local(model_uri, data_root, ids, split, batch_size, device, progress):
+def _predict_local(model_uri, data_root, ids, split, batch_size, device, progress, members):
     """Everything in this process: read and segment a batch of images, then classify it."""
     model = load_ensemble(model_uri)
+    model.member_outputs = members
     if device:
         model.device = torch.device(device)
     report = hpa.BatchReport()
@@ -204,9 +209,10 @@ class _Segment:
 class _Classify:
     """Ray Data stage 2: the member networks, fusion and integrity on a batch of segmented images."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, device: str | None):
+    def __init__(self, model_uri: str, tracking_uri: str, device: str | None, members: bool):
         mlflow.set_tracking_uri(tracking_uri)
         self.model = load_ensemble(model_uri)
+        self.model.member_outputs = members
         if device:
             self.model.device = torch.device(device)
 
@@ -225,7 +231,7 @@ class _Classify:
         }
 
 
-def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, device, progress):
+def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, device, progress, members):
     """The two-stage Ray Data pipeline of the module docstring."""
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this process runs in
@@ -244,7 +250,8 @@ def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, devi
         compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=1, num_cpus=1,
     )
     dataset = dataset.map_batches(
-        _Classify, fn_constructor_kwargs=dict(model_uri=model_uri, tracking_uri=tracking_uri, device=device),
+        _Classify, fn_constructor_kwargs=dict(model_uri=model_uri, tracking_uri=tracking_uri, device=device,
+                                    members=members),
         compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=1, num_gpus=gpus,
     )
     dataset.context.enable_progress_bars = False  # ours below counts cells too

@@ -35,7 +35,8 @@ image is ``{root}/{split}/{image_id}_{red,green,blue,yellow}.png``. For in-memor
 Output: one row per cell, :data:`OUTPUT_COLUMNS`: ``image_id, cell_id``, the 19 class
 probabilities ``cell_0..cell_18`` (float32; the OOF layout, so apply_spec and the selectors read
 it), ``integrity`` (float32), ``rle`` (the cell's mask, :func:`ensemble.submission.encode_mask`),
-``width, height`` of the image.
+``width, height`` of the image. With ``member_outputs`` set, also each network's own cell
+probabilities, :func:`member_columns` (to score the members beside the ensemble).
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     After loading, ``device`` (default: CUDA when available) and ``batch_size`` (cells per
     forward pass) may be changed before the first prediction; ``timings`` accumulates the seconds
     of each stage and ``last_report`` lists the images the last :meth:`predict` skipped.
+    ``member_outputs = True`` adds each network's own cell probabilities (:func:`member_columns`).
     The member networks are loaded on first use, so a process that only segments (a Ray
     preprocessing actor) never loads them.
     """
@@ -214,6 +216,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             self.integrity = _load_integrity(config["integrity_loader"], artifacts["integrity"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = 128
+        self.member_outputs = False
         self.timings = PredictTimings()
         self.last_report = hpa.BatchReport()
         self._networks: dict[str, list[torch.nn.Module]] | None = None
@@ -301,6 +304,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             if self.spec.integrity_weighting:
                 probabilities = probabilities * integrity[:, None]
         out = pd.concat([index, pd.DataFrame(probabilities, columns=CELL_COLUMNS)], axis=1)
+        if self.member_outputs and n:
+            out = pd.concat([out, *(frames[name][CELL_COLUMNS].set_axis(member_columns(name), axis=1)
+                                    for name in frames)], axis=1)
         out["integrity"] = integrity
         out["rle"] = pd.Series([text for s in images for text in s.rle], dtype=object)
         out["width"] = np.repeat([s.width for s in images], counts).astype(np.int64)
@@ -394,6 +400,11 @@ def predict_member(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: 
                     image[m, i] = torch.maximum(image[m, i], bag[j])
     image = image.mean(dim=0).numpy()
     return (cell / k).numpy(), np.repeat(image, counts, axis=0)
+
+
+def member_columns(name: str) -> list[str]:
+    """Columns of one network's own cell probabilities in a prediction table (``member_outputs``)."""
+    return [f"{name}.{column}" for column in CELL_COLUMNS]
 
 
 def load_ensemble(model_uri: str) -> EnsembleModel:

@@ -16,7 +16,7 @@ from ensemble.cli_product import add_commands
 from ensemble.data.hpa import read_image, read_truth
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
-from ensemble.evaluate import evaluate
+from ensemble.evaluate import evaluate, prediction_members
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.predict import PredictResult, predict_images, write_predictions
 from ensemble.registry import CELL_COLUMNS, OUTPUT_COLUMNS, Preprocessing, load_ensemble, save_ensemble
@@ -162,3 +162,21 @@ def test_cli_predicts_and_evaluates_a_folder(model_dir, images, tmp_path, capsys
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "competition mAP" in printed and "Nucleoplasm" in printed and (tmp_path / "ap.png").exists()
+
+
+def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images, tmp_path):
+    out = tmp_path / "preds.parquet"
+    result = predict_images(model_dir, images, ids=["sim2-00000", "sim2-00001"], out=out, engine="local",
+                            progress=False, members=True)
+    spec = load_ensemble(model_dir).spec
+    names = prediction_members(out)
+    assert sorted(names) == sorted(spec.members.values())
+    cells = result.cells
+    # Where the spec fuses nothing ("cell" rule), the ensemble is the mean of its two members' cells.
+    cell_only = [CELL_COLUMNS[k] for k, name in enumerate(CLASS_NAMES) if spec.fusion[name].rule == "cell"]
+    mean = np.mean([cells[[f"{n}.{c}" for c in cell_only]].to_numpy() for n in names], axis=0)
+    np.testing.assert_allclose(cells[cell_only].to_numpy(), mean, rtol=1e-5, atol=1e-6)
+    scores = {n: evaluate(out, images, member=n, plot=tmp_path / f"{n}.png") for n in names}
+    assert all(0 <= s.cell.map <= 1 and s.n_images == 2 for s in scores.values())
+    with pytest.raises(ValueError, match="no column"):
+        evaluate(out, images, member="not-a-member")

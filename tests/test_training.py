@@ -17,9 +17,10 @@ from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
 from ensemble.trainers.loop import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.trainers.spec import SpecError, load_zoo
+from ensemble.registry import load_ensemble
+from ensemble.trainers.pipeline import select_step, train_all
+from ensemble.trainers.spec import IntegritySettings, RelabelSettings, SpecError, load_zoo
 from ensemble.trainers.sweep import load_search_space
-from ensemble.trainers.pipeline import select_step
 from ensemble.trainers.zoo import train_zoo
 
 
@@ -151,8 +152,41 @@ def test_zoo_errors_name_file_and_key(tmp_path):
     bad.write_text("models:\n  - {name: a, head: cla, backbone: test_resnet, train: {epoch: 3}}\n")
     with pytest.raises(SpecError, match=r"models\[0\]\.train: unknown key\(s\) \['epoch'\]"):
         load_zoo(bad)
+    bad.write_text("integrity: {enabled: true, weighting: sometimes}\n"
+                   "models:\n  - {name: a, head: cla, backbone: test_resnet}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: integrity: integrity\.weighting must be on, off or auto"):
+        load_zoo(bad)
+    bad.write_text("relabel: {rounds: 2, bta: 0.5}\nmodels:\n  - {name: a, head: cla, backbone: test_resnet}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: relabel: unknown key\(s\) \['bta'\]"):
+        load_zoo(bad)
     with pytest.raises(SpecError, match="built-in zoos"):
         load_zoo("no_such_zoo")
     quick, hcpl = load_zoo("quick"), load_zoo("hcpl")
     assert len({m.backbone.split("_")[0] for m in quick.models}) >= 3 and {m.head for m in quick.models} >= {"dsa", "cla"}
     assert len(hcpl.models) == 9 and [m.head for m in hcpl.models].count("dsa") == 4
+    assert hcpl.relabel.rounds == 2 and hcpl.integrity.enabled  # the paper's system
+
+
+def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_path, small_dataset, tiny_zoo_file):
+    zoo = dataclasses.replace(load_zoo(tiny_zoo_file), relabel=RelabelSettings(rounds=1),
+                              integrity=IntegritySettings(enabled=True, epochs=1, cv_splits=2, weighting="on"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_all(zoo, str(small_dataset), str(tmp_path / "work"), tracking_uri=uri, progress=False)
+
+    (round_1,) = result.relabel
+    assert (round_1.trained_on, round_1.version, list(round_1.model_map)) == ("weak", "cra1", ["dsa_tiny"])
+    store = CellStore(str(tmp_path / "work" / "store"))
+    relabelled, weak = store.labels("cra1"), store.labels("weak")
+    assert ((relabelled > 0) <= (weak > 0)).all() and not np.array_equal(relabelled, weak)
+    # The round's DSA trained in an experiment of its own; every final model on the new labels.
+    round_runs = tracking.find_runs(tracking.ensure_experiment("tiny-weak", uri), {tracking.TAG_KIND: "job"}, uri)
+    assert sorted(r.data.tags[tracking.TAG_MODEL] for r in round_runs) == ["dsa_tiny"] * 3
+    final_runs = tracking.find_runs(result.training.experiment_id, {tracking.TAG_KIND: "job"}, uri)
+    assert len(final_runs) == 6 and {r.data.params["train.labels"] for r in final_runs} == {"cra1"}
+
+    vid = result.integrity
+    assert vid.weighting and 0.5 < vid.cv.scores.loc["xgb", "auc"] <= 1 and 0 <= vid.map_with <= 1
+    assert "Visual integrity" in result.report() and "round 1" in result.report()
+    mlflow.set_tracking_uri(uri)
+    model = load_ensemble("models:/hpa-ensemble@champion")
+    assert model.integrity is not None and model.spec.integrity_weighting

@@ -1,4 +1,5 @@
-"""The whole chain behind ``train_all.py``: prepare cells -> (sweep) -> train the zoo -> select -> register.
+"""The whole chain behind ``train_all.py``: prepare cells -> (sweep) -> (CRA rounds) -> train the zoo
+-> select -> (VID) -> register.
 
 Each step skips what an earlier call finished, so re-running after an interruption resumes.
 """
@@ -6,6 +7,7 @@ Each step skips what an earlier call finished, so re-running after an interrupti
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +18,56 @@ import pandas as pd
 
 from ensemble import tracking
 from ensemble.data.cells import CellStore, PrepareReport, prepare
+from ensemble.integrity import IntegrityCV, IntegrityModel, cross_validate_integrity
 from ensemble.labels import NUM_CLASSES
+from ensemble.metrics import cell_map
 from ensemble.registry import Preprocessing, member_checkpoints, needed_models, register_ensemble
-from ensemble.selectors import EnsembleSpec, OOFSet, load_oof_dir, log_to_mlflow, plot_correlation, select_ensemble
-from ensemble.storage import join, write_bytes
+from ensemble.selectors import (EnsembleSpec, OOFSet, apply_spec, load_oof_dir, log_to_mlflow, plot_correlation,
+                                select_ensemble)
+from ensemble.storage import exists, join, read_bytes, read_parquet, write_bytes, write_parquet
 from ensemble.trainers.fit import RunContext
-from ensemble.trainers.loop import evaluation_labels
+from ensemble.trainers.loop import CELL_COLUMNS, evaluation_labels
+from ensemble.trainers.relabel import RoundResult, cra_rounds, zoo_trainer
 from ensemble.trainers.spec import Zoo, load_zoo
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
 from ensemble.trainers.zoo import TrainAllResult, train_zoo
+
+
+@dataclass
+class IntegrityResult:
+    """The VID step of :func:`train_all`.
+
+    Attributes
+    ----------
+    uri : str
+        The saved :class:`~ensemble.integrity.IntegrityModel` (packed with the ensemble).
+    cv : IntegrityCV
+        Held-out scores of the detector (cross-validated by image).
+    map_without, map_with : float
+        The ensemble's OOF cell mAP without and with the held-out integrity weights, on the
+        cells with cell labels.
+    weighting : bool
+        Whether the registered ensemble multiplies its probabilities by the weights.
+    """
+
+    uri: str
+    cv: IntegrityCV
+    map_without: float
+    map_with: float
+    weighting: bool
+
+    def metrics(self) -> dict[str, float]:
+        """Figures logged to the train_all run."""
+        held_out = {f"vid_{name}_{column}": float(value) for (name, column), value in self.cv.scores.stack().items()}
+        return {**held_out, "vid_capture_accuracy": float(self.cv.capture_accuracy),
+                "ensemble_oof_map_without_integrity": self.map_without, "ensemble_oof_map_with_integrity": self.map_with}
+
+    def report(self) -> str:
+        scores = self.cv.scores.to_string(float_format=lambda v: f"{v:.4f}")
+        return (f"Visual integrity (VID, held out by image):\n{scores}\n"
+                f"capture-class accuracy {self.cv.capture_accuracy:.4f}\n"
+                f"ensemble OOF cell mAP without weighting {self.map_without:.4f}, with {self.map_with:.4f}"
+                f" -> weighting {'on' if self.weighting else 'off'}")
 
 
 @dataclass
@@ -35,15 +78,23 @@ class PipelineResult:
     ensemble: EnsembleSpec | None = None
     model_version: object | None = None       # mlflow ModelVersion of the registered ensemble
     sweeps: dict[str, SweepResult] = field(default_factory=dict)
+    relabel: list[RoundResult] = field(default_factory=list)
+    integrity: IntegrityResult | None = None
 
     def report(self) -> str:
         lines = [f"cell store: {self.prepare.store} ({self.prepare.n_images} images, {self.prepare.n_cells} cells, "
                  f"{len(self.prepare.skipped)} skipped)",
-                 f"MLflow experiment {self.training.experiment_id}, train_all run {self.training.parent_run_id}",
-                 "", "Out-of-fold predictions per model:",
-                 self.training.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+                 f"MLflow experiment {self.training.experiment_id}, train_all run {self.training.parent_run_id}"]
+        if self.relabel:
+            lines += ["", "CRA rounds (label AP against cell truth; the round's DSAs' OOF cell mAP):"]
+            lines += [f"  round {r.round}: trained on {r.trained_on!r} -> {r.version!r}, label AP {r.quality:.4f}; "
+                      + ", ".join(f"{m} {v:.4f}" for m, v in r.model_map.items()) for r in self.relabel]
+        lines += ["", "Out-of-fold predictions per model:",
+                  self.training.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
         if self.ensemble is not None:
             lines += ["", self.ensemble.report()]
+        if self.integrity is not None:
+            lines += ["", self.integrity.report()]
         if self.model_version is not None:
             lines += ["", f"registered: models:/{self.model_version.name}@champion "
                           f"(version {self.model_version.version})"]
@@ -95,6 +146,61 @@ def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, track
     return spec
 
 
+def relabel_step(zoo: Zoo, workdir: str, *, tracking_uri: str | None = None, progress: bool = True,
+                 max_concurrent: int | None = None) -> tuple[Zoo, list[RoundResult]]:
+    """CRA rounds of ``zoo.relabel``; returns the zoo set to train on the last round's labels.
+
+    Each round's DSAs train as their own zoo (``{zoo}-{label version}``, its own MLflow
+    experiment and ``{workdir}/labels-{version}``), so they never mix with the final models.
+    """
+    if not zoo.relabel.rounds:
+        return zoo, []
+    train = zoo_trainer(zoo, store_uri(workdir), workdir, tracking_uri=tracking_uri, progress=progress,
+                        max_concurrent=max_concurrent)
+    rounds = cra_rounds(store_uri(workdir), train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta)
+    final = rounds[-1].version
+    models = tuple(dataclasses.replace(m, train=dataclasses.replace(m.train, labels=final)) for m in zoo.models)
+    return dataclasses.replace(zoo, models=models), rounds
+
+
+def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> IntegrityResult:
+    """Fit the VID of ``zoo.integrity`` on the store, score it held out, decide the weighting.
+
+    The held-out weights (cross-validated by image) multiply the ensemble's OOF probabilities,
+    so ``weighting: auto`` turns weighting on only where it raised the OOF cell mAP. Resumable:
+    the held-out table and the model are kept under ``{workdir}/integrity``.
+    """
+    settings = zoo.integrity
+    params = dict(backbone=settings.backbone, pretrained=settings.pretrained, epochs=settings.epochs,
+                  rule=settings.rule)
+    store = CellStore(store_uri(workdir))
+    root = join(workdir, "integrity")
+    cv_uri, model_uri = join(root, "heldout.parquet"), join(root, "model")
+    if exists(cv_uri):
+        cv = IntegrityCV(scores=read_parquet(join(root, "scores.parquet")), cells=read_parquet(cv_uri),
+                         capture_accuracy=json.loads(read_bytes(join(root, "capture.json")))["accuracy"])
+    else:
+        cv = cross_validate_integrity(store, n_splits=settings.cv_splits, labels_csv=settings.labels_csv, **params)
+        write_parquet(cv.scores, join(root, "scores.parquet"))
+        write_bytes(json.dumps({"accuracy": cv.capture_accuracy}).encode(), join(root, "capture.json"))
+        write_parquet(cv.cells, cv_uri)  # last: its presence marks the step done
+    if not exists(join(model_uri, "config.json")):
+        IntegrityModel(**params).fit(store, labels_csv=settings.labels_csv).save(model_uri)
+    fused = apply_spec(spec, oof)
+    weights = cv.cells.set_index(["image_id", "cell_id"])[f"w_{settings.rule}"]
+    # Cells without a good/bad label were not held out: they keep weight 1.
+    w = weights.reindex(pd.MultiIndex.from_frame(fused[["image_id", "cell_id"]])).fillna(1.0).to_numpy()
+    labels = store_labels(store).set_index(["image_id", "cell_id"]).reindex(
+        pd.MultiIndex.from_frame(fused[["image_id", "cell_id"]]))
+    y = labels[[f"label_{k}" for k in range(NUM_CLASSES)]].to_numpy()
+    known = np.isfinite(y).all(axis=1)
+    scores = fused[CELL_COLUMNS].to_numpy()
+    without = cell_map(y[known], scores[known]).map
+    with_ = cell_map(y[known], (scores * w[:, None])[known]).map
+    weighting = settings.weighting == "on" or (settings.weighting == "auto" and with_ > without)
+    return IntegrityResult(uri=model_uri, cv=cv, map_without=without, map_with=with_, weighting=weighting)
+
+
 def sweep_model(zoo: str | Zoo, model: str, workdir: str, *, space: str | None = None, num_samples: int = 8,
                 fold: int = 0, experiment: str | None = None, tracking_uri: str | None = None) -> SweepResult:
     """Sweep one model of a zoo on one fold of an existing store (``ensemble sweep``)."""
@@ -114,6 +220,11 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
     select the ensemble on the OOF predictions and register it (``models:/hpa-ensemble@champion``)."""
     zoo = load_zoo(zoo, overrides) if not isinstance(zoo, Zoo) else zoo
     report = prepare(data, store_uri(workdir), size=zoo.cell_size, n_folds=zoo.n_folds, progress=progress)
+    if zoo.integrity.enabled and zoo.integrity.labels_csv is None and \
+            "truth" not in CellStore(store_uri(workdir)).label_versions():
+        # Said now, not after hours of training: the VID learns from good/bad cells.
+        raise ValueError(f"zoo {zoo.name!r} enables the VID (integrity.enabled) but {data} has no cell truth: "
+                         "give integrity.labels_csv (image_id,cell_id,good) or set integrity.enabled: false")
     sweeps = {}
     if sweep:
         for spec in zoo.models:
@@ -122,16 +233,26 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
                                                 experiment=experiment, tracking_uri=tracking_uri)
         zoo = dataclasses.replace(zoo, models=tuple(apply_config(spec, read_best_config(workdir, spec.name))
                                                     for spec in zoo.models))
+    zoo, rounds = relabel_step(zoo, workdir, tracking_uri=tracking_uri, progress=progress,
+                               max_concurrent=max_concurrent)
     training = train_zoo(zoo, store_uri(workdir), workdir, experiment=experiment, tracking_uri=tracking_uri,
                          progress=progress, max_concurrent=max_concurrent)
-    ensemble = version = None
+    ensemble = version = integrity = None
     if select and len(zoo.models) > 1:
-        ensemble = select_step(load_oof_dir(join(workdir, "oof")), store_uri(workdir), join(workdir, "ensemble"),
-                               training.experiment_id, tracking_uri, training.parent_run_id)
+        oof = load_oof_dir(join(workdir, "oof"))
+        ensemble = select_step(oof, store_uri(workdir), join(workdir, "ensemble"), training.experiment_id,
+                               tracking_uri, training.parent_run_id)
+        if zoo.integrity.enabled:
+            integrity = integrity_step(zoo, workdir, ensemble, oof)
+            client = tracking.client(tracking_uri)
+            for key, value in integrity.metrics().items():
+                client.log_metric(training.parent_run_id, key, value)
+            ensemble = dataclasses.replace(ensemble, integrity_weighting=integrity.weighting)
         if register:
             experiment_name = experiment or zoo.name
             members = member_checkpoints(experiment_name, needed_models(ensemble), tracking_uri)
             version = register_ensemble(ensemble, members, Preprocessing.from_store(store_uri(workdir)),
-                                        tracking_uri=tracking_uri, experiment=experiment_name)
+                                        tracking_uri=tracking_uri, experiment=experiment_name,
+                                        integrity_dir=integrity.uri if integrity else None)
     return PipelineResult(zoo=zoo, prepare=report, training=training, ensemble=ensemble, model_version=version,
-                          sweeps=sweeps)
+                          sweeps=sweeps, relabel=rounds, integrity=integrity)

@@ -66,6 +66,42 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class RelabelSettings:
+    """CRA (``ensemble.trainers.relabel``): rounds of DSA training and re-labelling before the zoo.
+
+    With ``rounds`` > 0 every model of the zoo trains on the last round's labels; 0 keeps the
+    weak (image) labels.
+    """
+
+    rounds: int = 0               # the paper: 2
+    beta: float = 0.5             # power normalisation c -> c ** beta
+
+    def __post_init__(self):
+        if self.rounds < 0 or not self.beta > 0:
+            raise SpecError(f"relabel: rounds must be >= 0 and beta > 0, got {self.rounds}, {self.beta}")
+
+
+@dataclass(frozen=True)
+class IntegritySettings:
+    """VID (``ensemble.integrity``): fitted on the store after training and packed with the ensemble."""
+
+    enabled: bool = False
+    backbone: str = "test_efficientnet"   # the capture CNN (the paper: efficientnet_b2, pretrained)
+    pretrained: bool = False
+    epochs: int = 15
+    rule: str = "product"
+    cv_splits: int = 3            # held-out figures (AUC, accuracy) and the weighting decision
+    labels_csv: str | None = None  # hand labels image_id,cell_id,good; default: the simulator's truth
+    weighting: str = "auto"       # on | off | auto: on when it raises the ensemble's OOF cell mAP
+
+    def __post_init__(self):
+        if self.weighting not in ("on", "off", "auto"):
+            raise SpecError(f"integrity.weighting must be on, off or auto, got {self.weighting!r}")
+        if self.epochs < 1 or self.cv_splits < 2:
+            raise SpecError(f"integrity: epochs must be >= 1 and cv_splits >= 2, got {self.epochs}, {self.cv_splits}")
+
+
+@dataclass(frozen=True)
 class Zoo:
     """A named set of model specs trained on the same cell store and folds."""
 
@@ -74,6 +110,8 @@ class Zoo:
     n_folds: int = 3
     cell_size: int = 64
     source: str = ""
+    relabel: RelabelSettings = field(default_factory=RelabelSettings)
+    integrity: IntegritySettings = field(default_factory=IntegritySettings)
 
     def model(self, name: str) -> ModelSpec:
         for spec in self.models:
@@ -136,11 +174,14 @@ def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SpecError(f"{path}: model names must be unique, repeated: {duplicated}")
-    extra = sorted(set(data) - {"name", "models", "train", "n_folds", "cell_size", "description"})
+    extra = sorted(set(data) - {"name", "models", "train", "n_folds", "cell_size", "description", "relabel",
+                                "integrity"})
     if extra:
         raise SpecError(f"{path}: unknown top-level key(s) {extra}")
     return Zoo(name=data.get("name", path.stem), models=tuple(models), n_folds=int(data.get("n_folds", 3)),
-               cell_size=int(data.get("cell_size", 64)), source=str(path))
+               cell_size=int(data.get("cell_size", 64)), source=str(path),
+               relabel=_build(RelabelSettings, data.get("relabel") or {}, f"{path}: relabel"),
+               integrity=_build(IntegritySettings, data.get("integrity") or {}, f"{path}: integrity"))
 
 
 def spec_params(spec: ModelSpec) -> dict[str, Any]:
