@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 from torch.utils.data import DataLoader

@@ -75,11 +75,13 @@ def cmd_train_all(args) -> int:
 
     _ray_init()
     data = args.data or default_dataset(args.workdir, args.images, args.seed, args.image_px, args.difficulty)
-    from ensemble.trainers.spec import RelabelSettings, load_zoo
+    from ensemble.trainers.spec import load_zoo
 
     zoo = load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None)
     if args.relabel_rounds is not None:
-        zoo = dataclasses.replace(zoo, relabel=RelabelSettings(args.relabel_rounds, zoo.relabel.beta))
+        zoo = dataclasses.replace(zoo, relabel=dataclasses.replace(zoo.relabel, rounds=args.relabel_rounds))
+    if args.integrity:
+        zoo = dataclasses.replace(zoo, integrity=dataclasses.replace(zoo.integrity, enabled=True))
     result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
                        tracking_uri=args.tracking_uri, sweep=args.sweep,
                        sweep_samples=args.sweep_samples)
@@ -132,7 +134,7 @@ def cmd_demo(args) -> int:
     cmd_train_all(argparse.Namespace(
         zoo="quick", data=None, workdir=str(out), images=args.images, seed=0, image_px=args.image_px,
         difficulty=args.difficulty, experiment=None, tracking_uri=None, epochs=args.epochs, sweep=False,
-        sweep_samples=0, relabel_rounds=args.relabel_rounds))
+        sweep_samples=0, relabel_rounds=args.relabel_rounds, integrity=args.integrity))
     test_root = out / "test_data"
     if not (test_root / "test.csv").exists():
         # Another seed than the training data's, in a folder of its own: images no model has seen.
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
     p.add_argument("--sweep-samples", type=int, default=8)
     p.add_argument("--relabel-rounds", type=int, default=None, help="CRA rounds (default: the zoo's relabel.rounds)")
+    p.add_argument("--integrity", action="store_true", help="fit the VID even if the zoo does not enable it")
     p.set_defaults(func=cmd_train_all)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA + Optuna) of one model of a zoo on one fold")
@@ -228,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--test-images", type=int, default=40, help="held-out simulated images to score the ensemble on")
     p.add_argument("--relabel-rounds", type=int, default=None, help="CRA rounds before the zoo (default: none)")
+    p.add_argument("--integrity", action="store_true", help="fit the VID and pack it with the ensemble")
     p.set_defaults(func=cmd_demo)
 
     from ensemble.cli_product import add_commands

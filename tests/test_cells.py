@@ -12,7 +12,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
 from ensemble.data import hpa
@@ -25,15 +24,7 @@ from ensemble.labels import CHANNELS
 SETTINGS = dict(size=24, n_folds=3, seed=0, chunk_size=2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    """One Ray for the module (or the one another module left running)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""The cluster entry points: cluster.yaml passes Ray's own checks; train_all.py, attached to a
-``ray start --head`` cluster, killed mid-way and re-run, leaves no duplicate MLflow runs."""
+"""The cluster entry points: cluster.yaml passes Ray's own checks; train_all.py runs as a Ray job on a
+``ray start --head`` cluster; attached to it, killed mid-way and re-run, it leaves no duplicate MLflow runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -87,6 +88,28 @@ def job_runs(uri: str) -> list:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tiny")
     return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    entrypoint = " ".join(train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work"))
+    # A job runs in the head's environment, not the submitter's: pass the tracking URI along.
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
+    # The head's job agent starts after its dashboard answers: seconds on a quiet machine, minutes
+    # on a busy one. Until then submissions are refused with "No available agent".
+    deadline = time.monotonic() + 300
+    while True:
+        done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"],
+                               "--runtime-env-json", runtime_env, "--", entrypoint],
+                              env=head["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    runs = [r for r in job_runs(uri) if r.data.tags.get(tracking.TAG_KIND) == "job"]
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert (tmp_path / "work" / "oof" / "dsa_tiny.parquet").exists()
 
 
 def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, tiny_zoo_file, tmp_path):

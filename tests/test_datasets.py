@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import ray
 import torch
 from torch.utils.data import DataLoader
 
@@ -13,18 +12,11 @@ from ensemble.data.synthetic import simulate
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> CellStore:
+def store(local_ray, tmp_path_factory) -> CellStore:
     root = tmp_path_factory.mktemp("data")
     simulate(root, 6, seed=11, size=256)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        path = tmp_path_factory.mktemp("store") / "store"
-        prepare(root, str(path), size=16, n_folds=2, chunk_size=3, progress=False)
-    finally:
-        if started:
-            ray.shutdown()
+    path = tmp_path_factory.mktemp("store") / "store"
+    prepare(root, str(path), size=16, n_folds=2, chunk_size=3, progress=False)
     return CellStore(path)
 
 

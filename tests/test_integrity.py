@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from ensemble.data.cells import CellStore, prepare
@@ -17,12 +16,10 @@ FAST = dict(backbone="test_efficientnet", epochs=2, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def store(small_dataset, tmp_path_factory) -> CellStore:
+def store(local_ray, small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("integrity") / "store")
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
     prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
-    yield CellStore(uri)
-    ray.shutdown()
+    return CellStore(uri)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -127,15 +126,7 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    """One Ray for the module (or the one another module left running)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module", autouse=True)

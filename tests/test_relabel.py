@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 
 from ensemble import tracking
 from ensemble.data.cells import CellStore, prepare
@@ -17,12 +16,10 @@ from ensemble.trainers.spec import load_zoo
 
 
 @pytest.fixture(scope="module")
-def store(small_dataset, tmp_path_factory) -> CellStore:
+def store(local_ray, small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("relabel") / "store")
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
     prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
-    yield CellStore(uri)
-    ray.shutdown()
+    return CellStore(uri)
 
 
 def oof_table(store: CellStore, probabilities) -> pd.DataFrame:

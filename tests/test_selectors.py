@@ -106,6 +106,7 @@ def test_blocks_recover_the_families(synthetic, spec):
     models = synthetic.oof.models
     assert spec.block_rule == "silhouette"
     assert adjusted_rand_score([synthetic.family[m] for m in models], [block_of[m] for m in models]) == 1.0
+    assert spec.family_agreement() == 1.0 and "backbone families: ARI 1.000" in spec.report()
 
 
 def test_fixed_threshold_cuts_where_told(spec):

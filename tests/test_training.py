@@ -8,27 +8,23 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from ensemble import tracking
 from ensemble.data.cells import CellStore, prepare
+from ensemble.registry import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
 from ensemble.trainers.loop import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.registry import load_ensemble
 from ensemble.trainers.pipeline import select_step, train_all
 from ensemble.trainers.spec import IntegritySettings, RelabelSettings, SpecError, load_zoo
-from ensemble.trainers.sweep import load_search_space
+from ensemble.trainers.sweep import load_search_space, sweep
 from ensemble.trainers.zoo import train_zoo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +123,26 @@ def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     first = fit_job(spec, 2, ctx)
     changed = fit_job(dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=3e-3)), 2, ctx)
     assert not changed.skipped and changed.run_id != first.run_id
+
+
+def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo_file):
+    space_file = tmp_path / "space.yaml"
+    # lr 1e-9 cannot learn: ASHA should cut those trials at its first rung.
+    space_file.write_text("lr: {type: choice, values: [1.0e-9, 3.0e-3]}\n"
+                          "weight_decay: {type: loguniform, low: 1.0e-6, high: 1.0e-4}\n")
+    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
+    # One trial at a time (a trial's driver holds 0.01 CPU, its worker 0.9): later trials are
+    # measured against the earlier ones at each ASHA rung.
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4, cpus_per_worker=0.9))
+    ctx = context(tmp_path, store)
+    result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=1)
+    iterations = result.trials["training_iteration"]
+    assert len(result.trials) == 4
+    assert iterations.min() < 4 <= iterations.max(), "ASHA stopped some trials before the last epoch"
+    assert result.best_val_map == pytest.approx(result.trials["val_map"].max())
+    assert yaml.safe_load(open(result.config_uri)) == result.best_config
+    trial_runs = tracking.find_runs(ctx.experiment_id, {tracking.TAG_KIND: "trial"}, ctx.tracking_uri)
+    assert len(trial_runs) == 4
 
 
 def test_search_space_errors_name_file_and_key(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import adjusted_rand_score
 
 from ensemble.selectors.baselines import GreedyResult
 from ensemble.selectors.fusion import FusionRule
@@ -150,6 +151,18 @@ class EnsembleSpec:
     def from_json(cls, path: str | Path) -> EnsembleSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def family_agreement(self) -> float | None:
+        """Adjusted Rand index of the blocks against the models' backbone families (``tags``).
+
+        1: the blocks are exactly the families; about 0: no more alike than chance. None when
+        a model has no family tag.
+        """
+        families = [self.tags.get(m, {}).get("family") for m in self.models]
+        if None in families or "" in families:
+            return None
+        block_of = {m: b for b, models in self.blocks.items() for m in models}
+        return float(adjusted_rand_score(families, [block_of[m] for m in self.models]))
+
     def report(self) -> str:
         """A plain-text report: members, blocks, per-class fusion rules and scores."""
         member_of = {m: b for b, m in self.members.items()}
@@ -160,7 +173,9 @@ class EnsembleSpec:
             + (f", rho_th = {self.rho_th:.3f}" if self.rho_th is not None else "")
             + f"; integrity weighting: {'on' if self.integrity_weighting else 'off'}",
             "",
-            "Blocks (OOF mAP; * = member, with its weight)",
+            "Blocks (OOF mAP; * = member, with its weight)"
+            + (f"; agreement with backbone families: ARI {ari:.3f}" if (ari := self.family_agreement()) is not None
+               else ""),
         ]
         for block, models in self.blocks.items():
             cells = [
@@ -215,6 +230,7 @@ def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact
     for method, score in spec.scores.items():
         metrics[f"map_{method}"] = score.in_sample
         metrics[f"map_{method}_nested"] = score.nested_pooled
+    metrics["blocks_family_ari"] = spec.family_agreement()
     mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
 
 
