@@ -68,7 +68,10 @@ def head():
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     process = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         # The job agent's HTTP port is fixed (52365) by default: a Ray still shutting down on this
+         # machine would keep it, and this head's job agent would never start.
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
@@ -92,7 +95,6 @@ def job_runs(uri: str) -> list:
 
 def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    entrypoint = " ".join(train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work"))
     # A job runs in the head's environment, not the submitter's: pass the tracking URI along.
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
     # The head's job agent starts after its dashboard answers: seconds on a quiet machine, minutes
@@ -100,7 +102,8 @@ def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
     deadline = time.monotonic() + 300
     while True:
         done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"],
-                               "--runtime-env-json", runtime_env, "--", entrypoint],
+                               "--runtime-env-json", runtime_env, "--",
+                               *train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work")],
                               env=head["env"], capture_output=True, text=True, timeout=600)
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
             break
