@@ -136,9 +136,10 @@ def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4, cpus_per_worker=0.9))
     ctx = context(tmp_path, store)
     result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=1)
-    iterations = result.trials["training_iteration"]
+    epochs_run = result.trials["epochs_run"]
     assert len(result.trials) == 4
-    assert iterations.min() < 4 <= iterations.max(), "ASHA stopped some trials before the last epoch"
+    assert epochs_run.min() < 4 <= epochs_run.max(), "ASHA stopped some trials before the last epoch"
+    assert (result.trials["training_iteration"] <= epochs_run).all()  # the row of each trial's best epoch
     assert result.best_val_map == pytest.approx(result.trials["val_map"].max())
     assert yaml.safe_load(open(result.config_uri)) == result.best_config
     trial_runs = tracking.find_runs(ctx.experiment_id, {tracking.TAG_KIND: "trial"}, ctx.tracking_uri)
