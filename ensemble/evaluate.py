@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from ensemble.data import hpa
@@ -127,7 +128,7 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
 
 def prediction_members(path: str | Path) -> list[str]:
     """The member networks whose own probabilities a ``preds.parquet`` holds (``members=True``)."""
-    names = pd.read_parquet(path).columns if Path(path).suffix == ".parquet" else []
+    names = pq.read_schema(path).names if Path(path).suffix == ".parquet" else []  # no data read
     return [c[: -len(".cell_0")] for c in names if c.endswith(".cell_0")]
 
 
