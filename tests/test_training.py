@@ -203,7 +203,13 @@ def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_pat
 
     vid = result.integrity
     assert vid.weighting and 0.5 < vid.cv.scores.loc["xgb", "auc"] <= 1 and 0 <= vid.map_with <= 1
-    assert "Visual integrity" in result.report() and "round 1" in result.report()
+    report = result.report()
+    assert "Visual integrity" in report
+    # The CRA table: the weak labels' AP and the DSA trained on them, then cra1 and the final DSA on it.
+    rows = {line.split()[0]: line.split()[1:] for line in report.splitlines() if line.startswith(("  weak", "  cra1"))}
+    assert rows["weak"] == [f"{round_1.trained_on_quality:.4f}", f"{round_1.model_map['dsa_tiny']:.4f}"]
+    final_dsa = result.training.summary.set_index("model").loc["dsa_tiny", "oof_cell_map"]
+    assert rows["cra1"] == [f"{round_1.quality:.4f}", f"{final_dsa:.4f}"]
     mlflow.set_tracking_uri(uri)
     model = load_ensemble("models:/hpa-ensemble@champion")
     assert model.integrity is not None and model.spec.integrity_weighting

@@ -75,6 +75,9 @@ class RoundResult:
         1-based round number.
     trained_on : str
         Label version the round's models were trained on.
+    trained_on_quality : float
+        :func:`label_quality` of ``trained_on`` (NaN without cell truth): the baseline the round
+        is measured against.
     version : str
         Label version the round wrote.
     quality : float
@@ -87,6 +90,7 @@ class RoundResult:
 
     round: int
     trained_on: str
+    trained_on_quality: float
     version: str
     quality: float
     model_map: dict[str, float]
@@ -222,12 +226,14 @@ def cra_rounds(store: CellStore | str, train_dsas: Callable[[str], Mapping[str, 
     store = _open(store)
     if start not in store.label_versions():
         raise KeyError(f"label version {start!r} not in {store.uri}; have {store.label_versions()}")
+    has_truth = "truth" in store.label_versions()
     results, current = [], start
     for r in range(1, rounds + 1):
         oof = dict(train_dsas(current))
+        baseline = label_quality(store, current) if has_truth else float("nan")
         result = relabel(store, oof, beta=beta, version=f"{prefix}{r}")
-        results.append(RoundResult(round=r, trained_on=current, version=result.version, quality=result.quality,
-                                   model_map=oof_maps(store, oof), oof=oof))
+        results.append(RoundResult(round=r, trained_on=current, trained_on_quality=baseline, version=result.version,
+                                   quality=result.quality, model_map=oof_maps(store, oof), oof=oof))
         current = result.version
     return results
 
