@@ -103,6 +103,7 @@ def test_cra_rounds_chain_label_versions(store, tmp_path):
     assert [(r.round, r.trained_on, r.version) for r in rounds] == [(1, "weak", "chain1"), (2, "chain1", "chain2")]
     assert rounds[-1].quality == pytest.approx(label_quality(store, "chain2"))
     assert rounds[0].trained_on_quality == pytest.approx(label_quality(store, "weak"))
+    assert rounds[1].trained_on_quality == rounds[0].quality
     assert rounds[0].quality > rounds[0].trained_on_quality, "near-oracle models improve the labels"
     assert 0 < rounds[0].model_map["oracle"] <= 1
     with pytest.raises(ValueError, match="rounds"):

@@ -86,17 +86,16 @@ class PipelineResult:
                  f"{len(self.prepare.skipped)} skipped)",
                  f"MLflow experiment {self.training.experiment_id}, train_all run {self.training.parent_run_id}"]
         if self.relabel:
-            # One row per label version the DSAs trained on: its quality, then what they scored.
-            first = self.relabel[0]
-            rounds = pd.DataFrame([{"labels": first.trained_on, "label_ap": first.trained_on_quality}]
-                                  + [{"labels": r.version, "label_ap": r.quality} for r in self.relabel])
+            # One row per label version: its quality, then the OOF mAP of the DSAs trained on it.
             final = self.training.summary.set_index("model")["oof_cell_map"]
-            scores = pd.DataFrame([{"labels": r.trained_on, **r.model_map} for r in self.relabel]
-                                  + [{"labels": self.relabel[-1].version, **final[list(first.model_map)]}])
-            table = rounds.merge(scores, on="labels", how="left")
+            last = self.relabel[-1]
+            table = pd.DataFrame([{"labels": r.trained_on, "label_ap": r.trained_on_quality, **r.model_map}
+                                  for r in self.relabel]
+                                 + [{"labels": last.version, "label_ap": last.quality,
+                                     **{model: final[model] for model in last.model_map}}])
             lines += ["", "CRA rounds: each label version's AP against cell truth, and the OOF cell mAP of the DSAs "
                           "trained on it (the last one's are the final zoo's):",
-                      table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")]
+                      table.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
         lines += ["", "Out-of-fold predictions per model:",
                   self.training.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
         if self.ensemble is not None:

@@ -226,15 +226,15 @@ def cra_rounds(store: CellStore | str, train_dsas: Callable[[str], Mapping[str, 
     store = _open(store)
     if start not in store.label_versions():
         raise KeyError(f"label version {start!r} not in {store.uri}; have {store.label_versions()}")
-    has_truth = "truth" in store.label_versions()
+    # Each round's baseline is the previous round's result; only the start's is measured here.
+    quality = label_quality(store, start) if "truth" in store.label_versions() else float("nan")
     results, current = [], start
     for r in range(1, rounds + 1):
         oof = dict(train_dsas(current))
-        baseline = label_quality(store, current) if has_truth else float("nan")
         result = relabel(store, oof, beta=beta, version=f"{prefix}{r}")
-        results.append(RoundResult(round=r, trained_on=current, trained_on_quality=baseline, version=result.version,
+        results.append(RoundResult(round=r, trained_on=current, trained_on_quality=quality, version=result.version,
                                    quality=result.quality, model_map=oof_maps(store, oof), oof=oof))
-        current = result.version
+        current, quality = result.version, result.quality
     return results
 
 
