@@ -110,7 +110,8 @@ def cmd_select(args) -> int:
         raise ValueError("give one source of OOF tables: --oof-dir DIR or --experiment NAME")
     oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, args.tracking_uri)
     experiment = args.experiment or "select"
-    options = {"nested": not args.no_nested, "threshold": args.threshold}
+    options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
+               "prune": not args.no_prune}
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
@@ -218,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="or: the MLflow experiment of the training runs")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", default="ensemble", help="where the spec JSON and plots go")
+    p.add_argument("--correlation", choices=["within_class", "flat"], default="within_class",
+                   help="mean of per-class correlations, or one over cells x classes flattened")
     p.add_argument("--threshold", type=float, default=None, help="fixed block cut (1 - correlation)")
+    p.add_argument("--no-prune", action="store_true", help="keep one member from every block, as the paper does")
     p.add_argument("--fusion", choices=["fit", "paper", "off"], default=None)
     p.add_argument("--no-nested", action="store_true", help="skip the out-of-sample (nested) scores")
     p.set_defaults(func=cmd_select)

@@ -22,6 +22,7 @@ from ensemble.models import (
     WeightedBCELoss,
     class_weights,
     create_model,
+    init_class_prior,
 )
 from ensemble.models.losses import focal_loss, weighted_bce
 
@@ -188,6 +189,20 @@ def test_factory_rejects_bad_requests():
         create_model("clh", "test_resnet", img_size=SIZE)
     with pytest.raises(ValueError, match="img_size"):
         create_model("clh", "test_efficientnet")
+
+
+@pytest.mark.parametrize("head", ["cla", "dsa"])
+def test_classifiers_start_at_the_class_prior(head, cells):
+    rates = np.linspace(0.005, 0.6, NUM_CLASSES)
+    model = create_model(head, "test_efficientnet", img_size=SIZE)
+    init_class_prior(model, rates)
+    with torch.no_grad():
+        out = model.eval()(cells.unsqueeze(0) if head == "dsa" else cells)
+    for logits in out if head == "dsa" else (out,):
+        probabilities = torch.sigmoid(logits).reshape(-1, NUM_CLASSES).numpy()
+        np.testing.assert_allclose(probabilities, np.broadcast_to(rates, probabilities.shape), atol=0.02)
+    with pytest.raises(ValueError, match="shape"):
+        init_class_prior(model, rates[:5])
 
 
 # ---------------------------------------------------------------- DSA padding

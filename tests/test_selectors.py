@@ -109,6 +109,65 @@ def test_blocks_recover_the_families(synthetic, spec):
     assert spec.family_agreement() == 1.0 and "backbone families: ARI 1.000" in spec.report()
 
 
+def _oof(predictions: dict[str, np.ndarray], n_folds: int = 4) -> OOFSet:
+    """An OOFSet of class-major predictions, 6 cells per image, folds in contiguous quarters."""
+    n = next(iter(predictions.values())).shape[1]
+    cells = np.arange(n)
+    index = pd.DataFrame({"image_id": [f"i{i // 6:04d}" for i in cells], "cell_id": cells % 6,
+                          "fold": cells * n_folds // n})
+    return OOFSet(index=index, cell={m: p.astype(np.float32) for m, p in predictions.items()})
+
+
+def test_within_class_correlation_sees_families_through_the_priors():
+    """Two families; in each, one model learnt the class priors and one stayed near p = 0.5.
+
+    Flattened over classes, the shared priors make the two calibrated models look alike; within
+    each class, where mAP ranks cells, the families show.
+    """
+    rng = np.random.default_rng(4)
+    n = 2000
+    prior = np.linspace(-4.0, 0.0, NUM_CLASSES)[:, None]  # log-odds from rare to common
+    family = {f: rng.standard_normal((NUM_CLASSES, n)) for f in "ab"}
+    predictions = {
+        f"{f}_{calibrated}": 1 / (1 + np.exp(-(scale * prior + 0.5 * family[f] + 0.3 * rng.standard_normal((NUM_CLASSES, n)))))
+        for f in "ab" for calibrated, scale in (("prior", 1.0), ("flat", 0.0))
+    }
+    moments = prediction_moments(_oof(predictions))
+    within = moments.correlation(kind="within_class")
+    per_class = moments.correlation(per_class=True)
+    np.testing.assert_allclose(within.to_numpy(), np.mean([m.to_numpy() for m in per_class.values()], axis=0))
+    families = {m: m[0] for m in predictions}
+    for kind, recovered in (("within_class", True), ("flat", False)):
+        blocks = find_blocks(moments.correlation(kind=kind)).block_of()
+        ari = adjusted_rand_score([families[m] for m in predictions], [blocks[m] for m in predictions])
+        assert (ari == 1.0) == recovered, (kind, blocks)
+    with pytest.raises(ValueError, match="kind"):
+        moments.correlation(kind="spearman")
+
+
+def test_a_block_that_lowers_the_ensemble_is_left_out():
+    """A block of two models that learnt nothing: one member per block would halve the signal."""
+    rng = np.random.default_rng(5)
+    n = 1200
+    truth = rng.random((NUM_CLASSES, n)) < 0.1
+    shared = rng.standard_normal(truth.shape)
+    predictions = {
+        **{f"good_{j}": 1.5 * truth + rng.standard_normal(truth.shape) for j in range(2)},
+        **{f"junk_{j}": shared + 0.3 * rng.standard_normal(truth.shape) for j in range(2)},
+    }
+    oof = _oof({m: 1 / (1 + np.exp(-p)) for m, p in predictions.items()})
+    options = {"fusion": "off", "greedy": False}
+    pruned = select_ensemble(oof, truth.T.astype(float), **options)
+    kept = select_ensemble(oof, truth.T.astype(float), prune=False, **options)
+    junk_block = next(b for b, models in pruned.blocks.items() if "junk_0" in models)
+    assert pruned.blocks[junk_block] in (["junk_0", "junk_1"], ["junk_1", "junk_0"])
+    assert list(pruned.pruned) == [junk_block] and junk_block not in pruned.members
+    assert "not above" in pruned.pruned[junk_block] and f"{junk_block} left out" in pruned.report()
+    assert kept.members[junk_block].startswith("junk") and not kept.pruned
+    assert pruned.scores["hcpl"].nested_pooled > kept.scores["hcpl"].nested_pooled
+    assert kept.scores["hcpl"].in_sample < kept.scores["best_single"].in_sample <= pruned.scores["hcpl"].in_sample
+
+
 def test_fixed_threshold_cuts_where_told(spec):
     one_block = find_blocks(spec.correlation, threshold=1.99)
     singletons = find_blocks(spec.correlation, threshold=0.0)
@@ -183,6 +242,13 @@ def test_fusion_products_where_the_image_stream_helps(spec):
         assert (rule.ap_product > rule.ap_cell) == (rule.rule == "product")
     low = max(spec.fusion[CLASS_NAMES[k]].correlation for k in OVER_LABELLED)
     assert low < spec.rho_th < min(r.correlation for r in spec.fusion.values() if r.rule == "product")
+    # and out of sample: fused beats the same members' cell stream on every class fused
+    fused, unfused = spec.scores["hcpl"].nested_per_class, spec.scores["hcpl_unfused"].nested_per_class
+    product = [name for name, rule in spec.fusion.items() if rule.rule == "product"]
+    assert all(fused[name] > unfused[name] for name in product)
+    assert spec.fusion_check() == (len(product), 0, len(product))
+    assert f"of the {len(product)} classes fused the product beat the cell stream alone on {len(product)}, lost on 0" \
+        in spec.report()
 
 
 def test_paper_and_off_fusion(synthetic):
@@ -203,6 +269,20 @@ def test_fusion_overrides_need_a_margin():
     rules, _ = decide_fusion(correlation, mode="fit", rho_th=0.5, override_margin=0.05, **aps)
     assert rules[CLASS_NAMES[0]].rule == "product" and rules[CLASS_NAMES[1]].rule == "cell"
     assert "override" in rules[CLASS_NAMES[1]].reason
+
+
+def test_fusion_overrides_must_hold_in_every_fold():
+    correlation = np.full(NUM_CLASSES, 0.9)
+    aps = {"ap_product": np.full(NUM_CLASSES, 0.5), "ap_cell": np.full(NUM_CLASSES, 0.6)}
+    gain = np.full(NUM_CLASSES, -0.1)
+    one_fold_disagrees = gain.copy()
+    one_fold_disagrees[1] = 0.02  # class 1: the product is ahead in fold 3 although behind pooled
+    no_positives = np.full(NUM_CLASSES, np.nan)
+    rules, _ = decide_fusion(correlation, mode="fit", rho_th=0.5, override_margin=0.05, **aps,
+                             fold_gain={0: gain, 3: one_fold_disagrees, 4: no_positives})
+    assert rules[CLASS_NAMES[0]].rule == "cell" and "every fold" in rules[CLASS_NAMES[0]].reason
+    assert rules[CLASS_NAMES[1]].rule == "product"
+    assert rules[CLASS_NAMES[1]].reason.endswith("but not in fold 3")
 
 
 # --- greedy baseline -----------------------------------------------------------------------------

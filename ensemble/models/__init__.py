@@ -2,7 +2,7 @@
 
 from ensemble.models.backbones import PAPER_BACKBONES, Backbone, create_backbone, family_of
 from ensemble.models.factory import HEADS, create_model, list_heads
-from ensemble.models.heads import CLA, CLH, DSA, DualStreamOutput
+from ensemble.models.heads import CLA, CLH, DSA, DualStreamOutput, init_class_prior
 from ensemble.models.losses import LOSSES, DSALoss, FocalLoss, WeightedBCELoss, class_weights
 from ensemble.models.pooling import AvgPool, PowerNorm, WeibullActivation, WeibullPool
 
@@ -26,5 +26,6 @@ __all__ = [
     "create_backbone",
     "create_model",
     "family_of",
+    "init_class_prior",
     "list_heads",
 ]

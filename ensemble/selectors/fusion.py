@@ -92,6 +92,7 @@ def decide_fusion(
     ap_product: np.ndarray | None = None,
     ap_cell: np.ndarray | None = None,
     override_margin: float = 0.01,
+    fold_gain: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[dict[str, FusionRule], float | None]:
     """Choose ``product`` or ``cell`` for every class.
 
@@ -112,6 +113,10 @@ def decide_fusion(
         Required for ``fit``; NaN for a class without positives (then the threshold decides).
     override_margin : float
         AP gain needed to override the threshold for one class; ``inf`` disables overrides.
+    fold_gain : mapping of fold to ndarray, shape (n_classes,), optional
+        ``ap_product - ap_cell`` in each fold fitted on (NaN where the fold has no positive of the
+        class). With it, an override also needs its option ahead in every such fold: a pooled
+        gain carried by one fold is noise, and did not hold out of sample on the quick zoo.
 
     Returns
     -------
@@ -143,8 +148,13 @@ def decide_fusion(
         if have_aps:
             aps = {"product": float(ap_product[k]), "cell": float(ap_cell[k])}
         if mode == "fit" and aps[other] - aps[rule] > override_margin:  # False for NaN APs
-            reason += f"; override: AP {other} {aps[other]:.3f} > {rule} {aps[rule]:.3f} + {override_margin:g}"
-            rule = other
+            gain = f"AP {other} {aps[other]:.3f} > {rule} {aps[rule]:.3f} + {override_margin:g}"
+            behind = _folds_behind(fold_gain, k, other)
+            if behind:
+                reason += f"; no override: {gain}, but not in fold {', '.join(map(str, behind))}"
+            else:
+                reason += f"; override: {gain}" + (" and in every fold" if fold_gain is not None else "")
+                rule = other
         rules[name] = FusionRule(rule, r, reason, ap_product=aps["product"], ap_cell=aps["cell"])
     return rules, float(rho_th)
 
@@ -156,6 +166,12 @@ def fuse(cell: np.ndarray, image: np.ndarray | None, rules: Mapping[str, FusionR
         if rules[name].rule == "product":
             out[k] *= image[k]
     return out
+
+
+def _folds_behind(fold_gain: Mapping[int, np.ndarray] | None, k: int, option: str) -> list[int]:
+    """The folds where ``option`` is not ahead for class ``k`` (a fold without positives is skipped)."""
+    sign = 1.0 if option == "product" else -1.0
+    return [fold for fold, gain in (fold_gain or {}).items() if sign * gain[k] <= 0]  # False for NaN
 
 
 def _fit_threshold(correlation: np.ndarray, ap_product: np.ndarray, ap_cell: np.ndarray) -> float:

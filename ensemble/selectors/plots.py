@@ -69,7 +69,7 @@ def plot_correlation(spec: EnsembleSpec, path: str | Path) -> Path:
         start, width = min(rows), len(rows)
         outline = Rectangle((start - 0.5, start - 0.5), width, width, fill=False, edgecolor="red", linewidth=1.5)
         ax_heat.add_patch(outline)
-    fig.colorbar(image, cax=ax_bar, label="Pearson correlation")
+    fig.colorbar(image, cax=ax_bar, label=f"Pearson correlation ({spec.correlation_kind.replace('_', ' ')})")
     ax_heat.set_title(f"{n} models, {len(spec.blocks)} blocks (cut at {spec.block_threshold:.3f}, {spec.block_rule})")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

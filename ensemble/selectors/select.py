@@ -6,6 +6,11 @@ models, keep the best model of each block, average the members (flat or hierarch
 members and cell-level members first within their kind), then per class either multiply the
 image stream into the cell stream or not, depending on how well the two streams correlate.
 
+One step is ours: a block whose best model does not raise the ensemble's mAP is left out
+(``prune``). The paper chose its blocks by eye from strong, pretrained networks; a zoo trained
+briefly from scratch can hold a block of models that have learnt little more than the class
+priors, and averaging one of them in pulls the ensemble below its best member.
+
 Every choice above is tuned on the OOF rows, so its in-sample mAP flatters it. With
 ``nested=True`` the whole recipe is refitted once per fold on the other folds and scored on the
 held-out fold, and the baselines (best single model, mean of all models, Caruana's greedy
@@ -15,6 +20,7 @@ selection) are scored the same way beside it.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -24,7 +30,7 @@ import pandas as pd
 from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
-from ensemble.selectors.correlation import PredictionMoments, prediction_moments
+from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
 from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
 from ensemble.selectors.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import average_precision, map_many, mean_average_precision
@@ -37,7 +43,9 @@ AGGREGATIONS = ("mean", "hierarchical")
 
 @dataclass(frozen=True)
 class _Settings:
+    correlation: str
     threshold: float | None
+    prune: bool
     fusion: str
     rho_th: float | None
     override_margin: float
@@ -50,7 +58,9 @@ def select_ensemble(
     oof: OOFSet | Mapping[str, pd.DataFrame],
     labels: pd.DataFrame | np.ndarray,
     *,
+    correlation: str = "within_class",
     threshold: float | None = None,
+    prune: bool = True,
     fusion: str = "fit",
     rho_th: float | None = None,
     override_margin: float = 0.01,
@@ -72,9 +82,16 @@ def select_ensemble(
     labels : DataFrame or ndarray
         Cell labels (``image_id, cell_id, label_0..label_18`` [, ``fold``, ``cell_truth``]), or an
         array (n_cells, 19) in the row order of ``oof.index``.
+    correlation : {"within_class", "flat"}
+        How models are correlated (:mod:`ensemble.selectors.correlation`): the mean of per-class
+        correlations, or one correlation over cells x classes flattened (the paper's figure).
     threshold : float, optional
         Cut the model dendrogram at this distance (1 - correlation); by default the cut with the
         best silhouette (:func:`~ensemble.selectors.blocks.find_blocks`).
+    prune : bool
+        Visit the blocks' best models in order of OOF mAP and keep each only if adding it raises
+        the aggregated cell-stream mAP on the fitting rows (the best one is always kept). False
+        keeps one member from every block, as the paper does.
     fusion : {"fit", "paper", "off"}
         Per-class image x cell fusion (:func:`~ensemble.selectors.fusion.decide_fusion`):
         ``fit`` tunes ``rho_th`` and per-class overrides on the rows with cell-level truth;
@@ -106,7 +123,8 @@ def select_ensemble(
     -------
     EnsembleSpec
         Fitted on all folds; ``scores`` holds in-sample and, with ``nested``, out-of-sample mAP
-        of ``hcpl`` (this recipe), ``best_single``, ``mean_all`` and ``greedy``. The baselines
+        of ``hcpl`` (this recipe), ``hcpl_unfused`` (the same members, cell stream only, which
+        shows what fusion adds), ``best_single``, ``mean_all`` and ``greedy``. The baselines
         combine cell streams only (no image-stream fusion). When every fold makes the same
         choices as the full fit, the pooled out-of-sample mAP equals the in-sample one.
 
@@ -119,7 +137,8 @@ def select_ensemble(
     """
     oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
     targets = align_labels(labels, oof)
-    settings = _Settings(threshold, fusion, rho_th, override_margin, dict(weights or {}), aggregation, image_models)
+    settings = _Settings(correlation, threshold, prune, fusion, rho_th, override_margin, dict(weights or {}),
+                         aggregation, image_models)
     _check_settings(settings, oof, targets)
     greedy_params = GreedyParams() if greedy is True else (greedy or None)
     folds = oof.fold_slices()
@@ -131,7 +150,7 @@ def select_ensemble(
     everything = slice(0, oof.n_cells)
     spec = _fit(oof, targets, moments, everything, None, settings, n_jobs)
     baselines, greedy_result = _fit_baselines(oof, targets, spec, everything, greedy_params, n_jobs)
-    predictions = {"hcpl": _predict(spec, oof, everything)}
+    predictions = {"hcpl": _predict(spec, oof, everything), "hcpl_unfused": _predict(spec, oof, everything, fused=False)}
     predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
     per_class = {m: average_precision(targets.truth, p) for m, p in predictions.items()}
     in_sample = {m: float(np.nanmean(ap)) for m, ap in per_class.items()}
@@ -195,27 +214,23 @@ def _fit(
     n_jobs: int | None,
 ) -> EnsembleSpec:
     """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
-    corr = moments.correlation(exclude_fold=exclude_fold)
+    corr = moments.correlation(exclude_fold=exclude_fold, kind=settings.correlation)
     blocks = find_blocks(corr, settings.threshold)
     truth = targets.truth[:, rows]
     logger.info("scoring %d models", len(oof.models))
     scores = map_many(truth, (oof.cell[m][:, rows] for m in oof.models), n_jobs)
     model_map = dict(zip(oof.models, scores.tolist(), strict=True))
     members = choose_members(blocks, model_map)
+    pruned: dict[str, str] = {}
+    if settings.prune:
+        members, pruned = _prune(members, model_map, oof, truth, rows, settings)
     chosen = list(members.values())
     weights = {m: float(settings.weights.get(m, 1.0)) for m in chosen}
-    if settings.aggregation == "hierarchical":
-        groups = {
-            "image_stream": [m for m in chosen if m in oof.image],
-            "cell_level": [m for m in chosen if m not in oof.image],
-        }
-        groups = {g: ms for g, ms in groups.items() if ms}
-    else:
-        groups = {"all": chosen}
+    groups = _groups(chosen, oof, settings.aggregation)
     cell = aggregate({m: oof.cell[m][:, rows] for m in chosen}, groups, weights)
 
     image_models: list[str] = []
-    correlation = ap_product = ap_cell = None
+    correlation = ap_product = ap_cell = fold_gain = None
     if settings.fusion != "off":
         image_models = list(settings.image_models or [m for m in chosen if m in oof.image])
         if not image_models:  # no member has an image stream: borrow the best model that has one
@@ -230,6 +245,7 @@ def _fit(
         if scored.any():
             ap_product = average_precision(truth[:, scored], (cell * image)[:, scored])
             ap_cell = average_precision(truth[:, scored], cell[:, scored])
+            fold_gain = _fold_gain(truth, cell, image, scored, oof.index["fold"].to_numpy()[rows])
         elif settings.fusion == "fit":
             raise ValueError(f"fusion='fit' found no cell-level truth outside fold {exclude_fold} to fit on")
     rules, rho_th = decide_fusion(
@@ -239,6 +255,7 @@ def _fit(
         ap_product=ap_product,
         ap_cell=ap_cell,
         override_margin=settings.override_margin,
+        fold_gain=fold_gain,
     )
     return EnsembleSpec(
         models=oof.models,
@@ -248,6 +265,7 @@ def _fit(
         block_threshold=blocks.threshold,
         block_rule=blocks.rule,
         members=members,
+        pruned=pruned,
         weights=weights,
         aggregation=settings.aggregation,
         groups=groups,
@@ -256,13 +274,66 @@ def _fit(
         rho_th=rho_th,
         fusion=rules,
         model_map=model_map,
+        correlation_kind=settings.correlation,
     )
 
 
-def _predict(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray) -> np.ndarray:
-    """Aggregate and fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
+def _fold_gain(truth: np.ndarray, cell: np.ndarray, image: np.ndarray, scored: np.ndarray,
+               fold_of_row: np.ndarray) -> dict[int, np.ndarray]:
+    """Per fold: AP of the product minus AP of the cell stream, per class, on its scored rows."""
+    gains = {}
+    for fold in np.unique(fold_of_row):
+        rows = scored & (fold_of_row == fold)
+        gains[int(fold)] = (average_precision(truth[:, rows], (cell * image)[:, rows])
+                            - average_precision(truth[:, rows], cell[:, rows]))
+    return gains
+
+
+def _groups(members: Sequence[str], oof: OOFSet, aggregation: str) -> dict[str, list[str]]:
+    """Aggregation groups: all members together, or (hierarchical) those with an image stream apart."""
+    if aggregation == "mean":
+        return {"all": list(members)}
+    groups = {
+        "image_stream": [m for m in members if m in oof.image],
+        "cell_level": [m for m in members if m not in oof.image],
+    }
+    return {g: ms for g, ms in groups.items() if ms}
+
+
+def _prune(
+    members: Mapping[str, str],
+    model_map: Mapping[str, float],
+    oof: OOFSet,
+    truth: np.ndarray,
+    rows: slice | np.ndarray,
+    settings: _Settings,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Keep a block's member only if it raises the aggregated cell-stream mAP on ``rows``.
+
+    Greedy in order of member mAP, one pass: each block is tried once, so this costs one mAP per
+    block, not Caruana's one per model per step.
+    """
+    order = sorted(members, key=lambda b: -model_map[members[b]])
+    kept, pruned = {order[0]: members[order[0]]}, {}
+    best = model_map[members[order[0]]]
+    for block in order[1:]:
+        trial = [*kept.values(), members[block]]
+        weights = {m: float(settings.weights.get(m, 1.0)) for m in trial}
+        cell = aggregate({m: oof.cell[m][:, rows] for m in trial}, _groups(trial, oof, settings.aggregation), weights)
+        score = mean_average_precision(truth, cell)
+        if score > best:
+            kept[block], best = members[block], score
+        else:
+            pruned[block] = f"adding {members[block]} gives mAP {score:.4f}, not above {best:.4f}"
+    return {b: kept[b] for b in members if b in kept}, pruned
+
+
+def _predict(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fused: bool = True) -> np.ndarray:
+    """Aggregate and (unless ``fused`` is False) fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
     members = [m for group in spec.groups.values() for m in group]
     cell = aggregate({m: oof.cell[m][:, rows] for m in members}, spec.groups, spec.weights)
+    if not fused:
+        return cell
     image = None
     if _uses_image(spec):
         image = aggregate(
@@ -312,27 +383,38 @@ def _nested_scores(
     methods: list[str],
     n_jobs: int | None,
 ) -> dict[str, dict]:
-    """Per method: mAP on each held-out fold of the method fitted on the other folds, and pooled."""
+    """Per method: AP per class on each held-out fold of the method fitted on the other folds.
+
+    Fold-wise means are the honest figures. Pooling the folds' predictions into one ranking also
+    measures whether their scales agree, which fused predictions need not: a class fused in one
+    refit and not in another mixes products with plain probabilities.
+    """
     held_out = {m: np.empty_like(targets.truth, dtype=np.float32) for m in methods}
-    fold_scores: dict[str, dict[int, float]] = {m: {} for m in methods}
+    fold_ap: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
     for fold, rows in oof.fold_slices().items():
         logger.info("nested selection: refitting without fold %d", fold)
         train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
         spec = _fit(oof, targets, moments, train, fold, settings, n_jobs)
         baselines, _ = _fit_baselines(oof, targets, spec, train, greedy_params, n_jobs)
         held_out["hcpl"][:, rows] = _predict(spec, oof, rows)
+        held_out["hcpl_unfused"][:, rows] = _predict(spec, oof, rows, fused=False)
         for method, weights in baselines.items():
             held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
         for m in methods:
-            fold_scores[m][fold] = mean_average_precision(targets.truth[:, rows], held_out[m][:, rows])
-    return {
-        m: {
-            "nested_folds": fold_scores[m],
-            "nested_mean": float(np.nanmean(list(fold_scores[m].values()))),
-            "nested_pooled": mean_average_precision(targets.truth, held_out[m]),
-        }
-        for m in methods
-    }
+            fold_ap[m][fold] = average_precision(targets.truth[:, rows], held_out[m][:, rows])
+    out = {}
+    with warnings.catch_warnings():  # a class without positives in any held-out fold stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for m in methods:
+            folds = {fold: float(np.nanmean(ap)) for fold, ap in fold_ap[m].items()}
+            per_class = np.nanmean(np.stack(list(fold_ap[m].values())), axis=0)
+            out[m] = {
+                "nested_folds": folds,
+                "nested_mean": float(np.nanmean(list(folds.values()))),
+                "nested_pooled": float(np.nanmean(average_precision(targets.truth, held_out[m]))),
+                "nested_per_class": {name: float(v) for name, v in zip(CLASS_NAMES, per_class, strict=True)},
+            }
+    return out
 
 
 def _image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
@@ -346,6 +428,8 @@ def _uses_image(spec: EnsembleSpec) -> bool:
 def _check_settings(settings: _Settings, oof: OOFSet, targets: Targets) -> None:
     if settings.fusion not in FUSION_MODES:
         raise ValueError(f"fusion must be one of {FUSION_MODES}; got {settings.fusion!r}")
+    if settings.correlation not in CORRELATIONS:
+        raise ValueError(f"correlation must be one of {CORRELATIONS}; got {settings.correlation!r}")
     if settings.aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {settings.aggregation!r}")
     if settings.rho_th is not None and not -1.0 <= settings.rho_th <= 1.0:

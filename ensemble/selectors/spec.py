@@ -15,8 +15,8 @@ from sklearn.metrics import adjusted_rand_score
 from ensemble.selectors.baselines import GreedyResult
 from ensemble.selectors.fusion import FusionRule
 
-METHODS = ("hcpl", "best_single", "mean_all", "greedy")
-"""Scored methods: the selected ensemble and the baselines beside it."""
+METHODS = ("hcpl", "hcpl_unfused", "best_single", "mean_all", "greedy")
+"""Scored methods: the selected ensemble, its cell stream alone (no fusion), and the baselines."""
 
 FORMAT_VERSION = 1
 
@@ -35,12 +35,15 @@ class MethodScore:
         Mean of ``nested_folds``.
     nested_pooled : float, optional
         mAP of the out-of-sample predictions of all folds pooled together.
+    nested_per_class : dict of str to float, optional
+        Class name -> mean over the held-out folds of the class's AP (NaN where no fold has a positive).
     """
 
     in_sample: float
     nested_folds: dict[int, float] | None = None
     nested_mean: float | None = None
     nested_pooled: float | None = None
+    nested_per_class: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class EnsembleSpec:
     tags : dict of str to dict
         Candidate -> ``head``, ``backbone``, ``family`` (reports only).
     correlation : DataFrame
-        Pearson correlation of the candidates' cell predictions (cells x classes flattened).
+        Pearson correlation of the candidates' cell predictions, of kind ``correlation_kind``.
     blocks : dict of str to list of str
         Block -> its models, in dendrogram order.
     block_threshold : float
@@ -65,7 +68,7 @@ class EnsembleSpec:
     block_rule : str
         How that cut was chosen.
     members : dict of str to str
-        Block -> the member chosen from it (best OOF mAP).
+        Block -> the member chosen from it (best OOF mAP), for the blocks kept.
     weights : dict of str to float
         Member -> weight within its aggregation group.
     aggregation : {"mean", "hierarchical"}
@@ -82,6 +85,10 @@ class EnsembleSpec:
         Class name -> rule, with the correlation and APs it was decided on.
     model_map : dict of str to float
         OOF mAP of every candidate (in-sample).
+    pruned : dict of str to str
+        Block left out -> why (its best model did not raise the ensemble's mAP).
+    correlation_kind : {"within_class", "flat"}
+        See :mod:`ensemble.selectors.correlation`.
     per_class_ap : dict of str to float
         In-sample AP of the ensemble per class.
     scores : dict of str to MethodScore
@@ -107,6 +114,8 @@ class EnsembleSpec:
     rho_th: float | None
     fusion: dict[str, FusionRule]
     model_map: dict[str, float]
+    pruned: dict[str, str] = field(default_factory=dict)
+    correlation_kind: str = "flat"
     per_class_ap: dict[str, float] = field(default_factory=dict)
     scores: dict[str, MethodScore] = field(default_factory=dict)
     greedy: GreedyResult | None = None
@@ -132,7 +141,8 @@ class EnsembleSpec:
         data["correlation"] = pd.DataFrame(_floats(corr["values"]), index=corr["models"], columns=corr["models"])
         data["fusion"] = {k: FusionRule(**v) for k, v in data["fusion"].items()}
         data["scores"] = {
-            k: MethodScore(**{**v, "in_sample": _floats(v["in_sample"]), "nested_folds": _int_keys(v["nested_folds"])})
+            k: MethodScore(**{**v, "in_sample": _floats(v["in_sample"]), "nested_folds": _int_keys(v["nested_folds"]),
+                              "nested_per_class": _floats(v.get("nested_per_class"))})
             for k, v in data["scores"].items()
         }
         data["model_map"] = _floats(data["model_map"])
@@ -163,35 +173,61 @@ class EnsembleSpec:
         block_of = {m: b for b, models in self.blocks.items() for m in models}
         return float(adjusted_rand_score(families, [block_of[m] for m in self.models]))
 
+    def fusion_check(self) -> tuple[int, int, int] | None:
+        """Of the classes given the product rule (with positives): how many the product won and lost
+        out of sample, and how many there are.
+
+        Compares the nested held-out AP of ``hcpl`` with that of ``hcpl_unfused`` per class (a
+        class too rare for the image stream to reorder its positives ties). None without nested
+        scores.
+        """
+        fused, unfused = (self.scores.get(m) for m in ("hcpl", "hcpl_unfused"))
+        if fused is None or unfused is None or fused.nested_per_class is None or unfused.nested_per_class is None:
+            return None
+        product = [c for c, rule in self.fusion.items() if rule.rule == "product"
+                   and math.isfinite(fused.nested_per_class.get(c, math.nan))]
+        gains = [fused.nested_per_class[c] - unfused.nested_per_class[c] for c in product]
+        return sum(g > 0 for g in gains), sum(g < 0 for g in gains), len(product)
+
     def report(self) -> str:
         """A plain-text report: members, blocks, per-class fusion rules and scores."""
         member_of = {m: b for b, m in self.members.items()}
+        left_out = {max(self.blocks[b], key=self.model_map.get) for b in self.pruned}
         lines = [
             f"Ensemble of {len(self.members)} members from {len(self.models)} models in {len(self.blocks)} blocks",
-            f"  blocks: cut at distance {self.block_threshold:.3f} ({self.block_rule}); "
+            f"  blocks: {self.correlation_kind} correlation, cut at distance {self.block_threshold:.3f} ({self.block_rule}); "
             f"aggregation: {self.aggregation}; fusion: {self.fusion_mode}"
             + (f", rho_th = {self.rho_th:.3f}" if self.rho_th is not None else "")
             + f"; integrity weighting: {'on' if self.integrity_weighting else 'off'}",
             "",
-            "Blocks (OOF mAP; * = member, with its weight)"
+            "Blocks (OOF mAP; * = member, with its weight; - = best of a block left out)"
             + (f"; agreement with backbone families: ARI {ari:.3f}" if (ari := self.family_agreement()) is not None
                else ""),
         ]
         for block, models in self.blocks.items():
             cells = [
-                f"{'*' if m in member_of else ' '}{m} {self.model_map[m]:.4f}"
+                f"{'*' if m in member_of else '-' if m in left_out else ' '}{m} {self.model_map[m]:.4f}"
                 + (f" w={self.weights[m]:.2f}" if m in member_of else "")
                 + (f" [{self.tags[m]['family']}]" if self.tags.get(m, {}).get("family") else "")
                 for m in models
             ]
             lines.append(f"  {block:<9} " + ", ".join(cells))
+        lines += [f"  {block} left out: {why}" for block, why in self.pruned.items()]
         lines += [f"  groups: {self.groups}", f"  image stream from: {', '.join(self.image_models) or '-'}", ""]
-        lines.append(f"  {'class':<42}{'rule':<9}{'r':>7}{'AP prod':>9}{'AP cell':>9}{'AP ens':>9}  reason")
+        held_out = {m: (self.scores[m].nested_per_class or {}) if m in self.scores else {}
+                    for m in ("hcpl", "hcpl_unfused")}
+        lines.append(f"  {'class':<42}{'rule':<9}{'r':>7}{'AP prod':>9}{'AP cell':>9}{'AP ens':>9}"
+                     f"{'out ens':>9}{'out cell':>9}  reason   (out: mean AP over held-out folds, nested)")
         for name, rule in self.fusion.items():
             lines.append(
                 f"  {name:<42}{rule.rule:<9}{_fmt(rule.correlation, 7)}{_fmt(rule.ap_product, 9)}"
-                f"{_fmt(rule.ap_cell, 9)}{_fmt(self.per_class_ap.get(name), 9)}  {rule.reason}"
+                f"{_fmt(rule.ap_cell, 9)}{_fmt(self.per_class_ap.get(name), 9)}"
+                f"{_fmt(held_out['hcpl'].get(name), 9)}{_fmt(held_out['hcpl_unfused'].get(name), 9)}  {rule.reason}"
             )
+        if verdict := self.fusion_check():
+            won, lost, n = verdict
+            lines.append(f"  out of sample (nested), of the {n} classes fused the product beat the cell stream alone "
+                         f"on {won}, lost on {lost}, tied on {n - won - lost}")
         lines += ["", f"  {'mAP':<14}{'in-sample':>10}{'nested mean':>13}{'nested pooled':>15}  per fold"]
         for method, score in self.scores.items():
             folds = " ".join(f"{v:.4f}" for v in (score.nested_folds or {}).values())

@@ -30,7 +30,7 @@ from ensemble.data.datasets import BagDataset, CellDataset
 from ensemble.data.augment import build_augment
 from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import cell_map
-from ensemble.models import create_model
+from ensemble.models import create_model, init_class_prior
 from ensemble.models.losses import DSALoss, FocalLoss, WeightedBCELoss, class_weights
 from ensemble.storage import write_parquet
 from ensemble.trainers.spec import ModelSpec, TrainSettings
@@ -204,6 +204,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rates = store.labels("weak")[fold_of_cell != job.fold].mean(axis=0)
 
     model = build_model(spec)
+    if settings.prior_init:
+        init_class_prior(model, store.labels(settings.labels)[fold_of_cell != job.fold].mean(axis=0))
     criterion = _criterion(spec, rates).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)

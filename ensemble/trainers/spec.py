@@ -37,6 +37,7 @@ class TrainSettings:
     augment: float = 0.5          # augmentation strength, 0 = none
     patience: int = 3             # early stopping: epochs without a better validation mAP
     labels: str = "weak"          # label version in the cell store used as training targets
+    prior_init: bool = True       # classifiers start at the classes' positive rates, not at p = 0.5
     num_workers: int = 1          # Ray Train workers (DDP when > 1)
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None   # None: use a GPU when the cluster has one
