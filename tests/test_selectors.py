@@ -212,6 +212,7 @@ def test_nested_scores_expose_selection_bias():
     spec = select_ensemble(oof, truth.T.astype(float), fusion="off", greedy=False)
     for method in ("hcpl", "best_single"):
         assert spec.scores[method].in_sample > spec.scores[method].nested_pooled + 0.005
+    assert spec.fusion_check() is None and "classes fused" not in spec.report()  # nothing fused, nothing claimed
 
 
 def test_apply_spec_reproduces_the_in_sample_score(synthetic, spec):

@@ -116,6 +116,14 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file):
     (select_run,) = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "select"}, uri)
     assert select_run.info.status == "FINISHED" and "map_hcpl" in select_run.data.metrics
 
+    # A zoo without a DSA head has no image stream to fuse: the step selects without fusion.
+    cla_only = tmp_path / "cla_only"
+    cla_only.mkdir()
+    (cla_only / "cla_tiny.parquet").write_bytes((tmp_path / "work" / "oof" / "cla_tiny.parquet").read_bytes())
+    spec = select_step(load_oof_dir(cla_only), store, str(tmp_path / "ensemble-cla"), result.experiment_id, uri,
+                       nested=False, greedy=False)
+    assert spec.fusion_mode == "off" and list(spec.members.values()) == ["cla_tiny"]
+
 
 def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     ctx = context(tmp_path, store)

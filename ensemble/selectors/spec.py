@@ -179,13 +179,15 @@ class EnsembleSpec:
 
         Compares the nested held-out AP of ``hcpl`` with that of ``hcpl_unfused`` per class (a
         class too rare for the image stream to reorder its positives ties). None without nested
-        scores.
+        scores or without a class given the product.
         """
         fused, unfused = (self.scores.get(m) for m in ("hcpl", "hcpl_unfused"))
         if fused is None or unfused is None or fused.nested_per_class is None or unfused.nested_per_class is None:
             return None
         product = [c for c, rule in self.fusion.items() if rule.rule == "product"
                    and math.isfinite(fused.nested_per_class.get(c, math.nan))]
+        if not product:
+            return None
         gains = [fused.nested_per_class[c] - unfused.nested_per_class[c] for c in product]
         return sum(g > 0 for g in gains), sum(g < 0 for g in gains), len(product)
 
