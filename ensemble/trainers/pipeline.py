@@ -135,13 +135,11 @@ def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, track
     against the store's labels.
 
     Without cell truth the per-class fusion rule cannot be fitted, so the paper's threshold rule
-    is used; a zoo with no image stream (no DSA head) has nothing to fuse. The spec (JSON) and the correlation plot go to ``out_dir`` (a path or URI) and to a
-    MLflow run.
+    is used; a zoo with no image stream (no DSA head) has nothing to fuse. The spec (JSON) and the
+    correlation plot go to ``out_dir`` (a path or URI) and to a MLflow run.
     """
     labels = store_labels(CellStore(store))
-    if not oof.image:
-        options.setdefault("fusion", "off")
-    options.setdefault("fusion", "fit" if labels["cell_truth"].all() else "paper")
+    options.setdefault("fusion", "off" if not oof.image else "fit" if labels["cell_truth"].all() else "paper")
     options.setdefault("aggregation", "hierarchical")
     spec = select_ensemble(oof, labels, **options)
     tags = {tracking.TAG_KIND: "select", **({tracking.TAG_PARENT: parent_run_id} if parent_run_id else {})}
