@@ -111,7 +111,7 @@ def cmd_select(args) -> int:
     oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, args.tracking_uri)
     experiment = args.experiment or "select"
     options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
-               "prune": not args.no_prune}
+               "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds}
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correlation", choices=["within_class", "flat"], default="within_class",
                    help="mean of per-class correlations, or one over cells x classes flattened")
     p.add_argument("--threshold", type=float, default=None, help="fixed block cut (1 - correlation)")
+    p.add_argument("--blocks-across-kinds", action="store_true",
+                   help="let a block mix DSA and cell-level models (default: blocks are found within each kind)")
     p.add_argument("--no-prune", action="store_true", help="keep one member from every block, as the paper does")
     p.add_argument("--fusion", choices=["fit", "paper", "off"], default=None)
     p.add_argument("--no-nested", action="store_true", help="skip the out-of-sample (nested) scores")

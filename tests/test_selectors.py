@@ -104,9 +104,11 @@ def test_streamed_correlation_equals_numpy(synthetic):
 def test_blocks_recover_the_families(synthetic, spec):
     block_of = {m: b for b, models in spec.blocks.items() for m in models}
     models = synthetic.oof.models
-    assert spec.block_rule == "silhouette"
+    assert {kind: cut.rule for kind, cut in spec.block_cuts.items()} == {"image_stream": "silhouette",
+                                                                          "cell_level": "silhouette"}
     assert adjusted_rand_score([synthetic.family[m] for m in models], [block_of[m] for m in models]) == 1.0
-    assert spec.family_agreement() == 1.0 and "backbone families: ARI 1.000" in spec.report()
+    assert spec.family_agreement() == spec.family_agreement(within_kinds=False) == 1.0
+    assert "backbone families within each kind: ARI 1.000 (with family alone: 1.000)" in spec.report()
 
 
 def _oof(predictions: dict[str, np.ndarray], n_folds: int = 4) -> OOFSet:
@@ -143,6 +145,35 @@ def test_within_class_correlation_sees_families_through_the_priors():
         assert (ari == 1.0) == recovered, (kind, blocks)
     with pytest.raises(ValueError, match="kind"):
         moments.correlation(kind="spearman")
+
+
+def test_blocks_are_found_within_each_kind():
+    """As on the quick zoo: a DSA and a CLA of one family share less than two models of one head.
+
+    Cell-level siblings of a family share a strong component and form blocks; the three DSAs,
+    one per family, share only their head and show no structure, so each is its own block.
+    """
+    rng = np.random.default_rng(6)
+    n = 3000
+
+    def noise():
+        return rng.standard_normal((NUM_CLASSES, n))
+
+    head, family = {h: noise() for h in ("dsa", "cla")}, {f: noise() for f in "abc"}
+    logits = {f"dsa_{f}": head["dsa"] + 0.5 * family[f] + noise() for f in "abc"}
+    for f in "abc":
+        sibling = 1.5 * noise()
+        logits |= {f"cla_{f}{j}": head["cla"] + 0.5 * family[f] + sibling + 0.7 * noise() for j in range(2)}
+    corr = prediction_moments(_oof({m: 1 / (1 + np.exp(-x)) for m, x in logits.items()})).correlation()
+    blocks = find_blocks(corr, kind_of={m: m.split("_")[0] for m in logits})
+    assert sorted(sorted(models) for models in blocks.blocks.values()) == [
+        ["cla_a0", "cla_a1"], ["cla_b0", "cla_b1"], ["cla_c0", "cla_c1"], ["dsa_a"], ["dsa_b"], ["dsa_c"]]
+    assert blocks.cuts["cla"].rule == "silhouette" and blocks.cuts["cla"].silhouette > 0.5
+    assert blocks.cuts["dsa"].rule.startswith("no structure") and blocks.cuts["dsa"].models == ["dsa_a", "dsa_b", "dsa_c"]
+    mixed = find_blocks(corr).block_of()
+    assert len({mixed[f"dsa_{f}"] for f in "abc"}) == 1  # one kind for all: the DSAs join each other
+    with pytest.raises(ValueError, match=r"no kind for models \['dsa_a'\]"):
+        find_blocks(corr, kind_of={m: "x" for m in logits if m != "dsa_a"})
 
 
 def test_a_block_that_lowers_the_ensemble_is_left_out():
@@ -201,7 +232,8 @@ def test_nested_scores_are_out_of_sample(spec):
 
 
 def test_nested_scores_expose_selection_bias():
-    """12 equally good models: the in-sample best is partly luck, which nested scoring removes."""
+    """12 equally good, independent models: the in-sample best is partly luck, which nested scoring
+    removes. With no block structure every model is its own block, and the ensemble averages them."""
     rng = np.random.default_rng(3)
     n = 600
     truth = rng.random((NUM_CLASSES, n)) < 0.1
@@ -210,8 +242,10 @@ def test_nested_scores_expose_selection_bias():
     noisy = {f"m{j}": 1 / (1 + np.exp(-(0.8 * truth + rng.standard_normal(truth.shape)))) for j in range(12)}
     oof = OOFSet(index=index, cell={m: p.astype(np.float32) for m, p in noisy.items()})
     spec = select_ensemble(oof, truth.T.astype(float), fusion="off", greedy=False)
-    for method in ("hcpl", "best_single"):
-        assert spec.scores[method].in_sample > spec.scores[method].nested_pooled + 0.005
+    best = spec.scores["best_single"]
+    assert best.in_sample > best.nested_pooled + 0.005
+    assert len(spec.blocks) == 12 and spec.block_cuts["cell_level"].rule.startswith("no structure")
+    assert spec.scores["hcpl"].nested_pooled > spec.scores["best_single"].nested_pooled + 0.05
     assert spec.fusion_check() is None and "classes fused" not in spec.report()  # nothing fused, nothing claimed
 
 
@@ -331,6 +365,10 @@ def test_json_round_trip(spec, tmp_path):
     assert loaded.fusion == spec.fusion and loaded.members == spec.members
     pd.testing.assert_frame_equal(loaded.correlation, spec.correlation)
     json.loads(path.read_text())  # strict JSON: no NaN literals
+    old = spec.to_dict() | {"block_threshold": 0.3, "block_rule": "silhouette"}  # before blocks per kind
+    del old["block_cuts"]
+    cut = EnsembleSpec.from_dict(old).block_cuts["all"]
+    assert (cut.models, cut.threshold, cut.rule) == (spec.models, 0.3, "silhouette")
 
 
 def test_report_lists_members_blocks_rules_and_scores(spec):
@@ -450,6 +488,7 @@ def test_log_to_mlflow_with_sqlite(spec, tracking):
     assert EnsembleSpec.from_json(local).members == spec.members
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["map_hcpl_nested"] == pytest.approx(spec.scores["hcpl"].nested_pooled)
+    assert metrics["blocks_family_ari"] == metrics["blocks_family_only_ari"] == 1.0
 
 
 def test_load_oof_mlflow_concatenates_folds(synthetic, tracking):

@@ -11,7 +11,7 @@ Typical use::
 """
 
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
-from ensemble.selectors.blocks import Blocks, choose_members, find_blocks
+from ensemble.selectors.blocks import Blocks, Cut, choose_members, find_blocks
 from ensemble.selectors.correlation import PredictionMoments, correlation_matrix, prediction_moments
 from ensemble.selectors.fusion import PAPER_RHO_TH, FusionRule, decide_fusion, stream_correlation
 from ensemble.selectors.oof import OOFSet, Targets, align_labels, load_oof_dir, load_oof_mlflow
@@ -24,6 +24,7 @@ from ensemble.selectors.synthetic_oof import SyntheticOOF, make_synthetic_oof
 __all__ = [
     "PAPER_RHO_TH",
     "Blocks",
+    "Cut",
     "EnsembleSpec",
     "FusionRule",
     "GreedyParams",

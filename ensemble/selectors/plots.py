@@ -18,9 +18,10 @@ from ensemble.selectors.spec import EnsembleSpec  # noqa: E402
 def plot_correlation(spec: EnsembleSpec, path: str | Path) -> Path:
     """Draw the dendrogram and the correlation heatmap, models in block order, to a PNG.
 
-    The dendrogram (left) is the average-linkage tree on ``1 - correlation`` with the cut drawn at
-    ``spec.block_threshold``; the heatmap (right) lists models in the dendrogram's leaf order, so
-    each block is a square on the diagonal (outlined). Chosen members are printed in bold.
+    The dendrogram (left) is the average-linkage tree on ``1 - correlation`` with each kind's cut
+    drawn beside its models (kinds clustered apart join beyond the axis, at distance > 2); the
+    heatmap (right) lists models in the dendrogram's leaf order, so each block is a square on the
+    diagonal (outlined). Chosen members are printed in bold.
 
     Returns
     -------
@@ -38,16 +39,21 @@ def plot_correlation(spec: EnsembleSpec, path: str | Path) -> Path:
     )
     ax_gap.axis("off")
     if n > 1:
+        kind_of = {m: kind for kind, cut in spec.block_cuts.items() for m in cut.models}
         tree = dendrogram(
-            model_linkage(corr),
+            model_linkage(corr, kind_of),
             orientation="left",
             labels=list(corr.index),
-            color_threshold=spec.block_threshold,
+            color_threshold=0,
             no_labels=True,
             ax=ax_tree,
         )
-        order = tree["ivl"][::-1]  # top-to-bottom, as the heatmap's rows
-        ax_tree.axvline(spec.block_threshold, color="grey", linestyle="--", linewidth=1)
+        leaves = tree["ivl"]  # bottom-to-top; leaf i sits at y = 5 + 10 i
+        for cut in spec.block_cuts.values():
+            ys = [5 + 10 * leaves.index(m) for m in cut.models]
+            ax_tree.vlines(cut.threshold, min(ys) - 4, max(ys) + 4, color="grey", linestyle="--", linewidth=1)
+        ax_tree.set_xlim(left=min(ax_tree.get_xlim()[0], 2.1))
+        order = leaves[::-1]  # top-to-bottom, as the heatmap's rows
         ax_tree.set_xlabel("1 - correlation")
     else:
         order = list(corr.index)
@@ -70,7 +76,7 @@ def plot_correlation(spec: EnsembleSpec, path: str | Path) -> Path:
         outline = Rectangle((start - 0.5, start - 0.5), width, width, fill=False, edgecolor="red", linewidth=1.5)
         ax_heat.add_patch(outline)
     fig.colorbar(image, cax=ax_bar, label=f"Pearson correlation ({spec.correlation_kind.replace('_', ' ')})")
-    ax_heat.set_title(f"{n} models, {len(spec.blocks)} blocks (cut at {spec.block_threshold:.3f}, {spec.block_rule})")
+    ax_heat.set_title(f"{n} models, {len(spec.blocks)} blocks\n{spec.cuts_text()}", fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

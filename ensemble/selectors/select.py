@@ -45,6 +45,7 @@ AGGREGATIONS = ("mean", "hierarchical")
 class _Settings:
     correlation: str
     threshold: float | None
+    blocks_by_kind: bool
     prune: bool
     fusion: str
     rho_th: float | None
@@ -60,6 +61,7 @@ def select_ensemble(
     *,
     correlation: str = "within_class",
     threshold: float | None = None,
+    blocks_by_kind: bool = True,
     prune: bool = True,
     fusion: str = "fit",
     rho_th: float | None = None,
@@ -88,6 +90,9 @@ def select_ensemble(
     threshold : float, optional
         Cut the model dendrogram at this distance (1 - correlation); by default the cut with the
         best silhouette (:func:`~ensemble.selectors.blocks.find_blocks`).
+    blocks_by_kind : bool
+        Find blocks among the models with an image stream (DSA) and among the cell-level models
+        separately, never mixing the two kinds in one block; False clusters all models together.
     prune : bool
         Visit the blocks' best models in order of OOF mAP and keep each only if adding it raises
         the aggregated cell-stream mAP on the fitting rows (the best one is always kept). False
@@ -137,7 +142,7 @@ def select_ensemble(
     """
     oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
     targets = align_labels(labels, oof)
-    settings = _Settings(correlation, threshold, prune, fusion, rho_th, override_margin, dict(weights or {}),
+    settings = _Settings(correlation, threshold, blocks_by_kind, prune, fusion, rho_th, override_margin, dict(weights or {}),
                          aggregation, image_models)
     _check_settings(settings, oof, targets)
     greedy_params = GreedyParams() if greedy is True else (greedy or None)
@@ -215,7 +220,8 @@ def _fit(
 ) -> EnsembleSpec:
     """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
     corr = moments.correlation(exclude_fold=exclude_fold, kind=settings.correlation)
-    blocks = find_blocks(corr, settings.threshold)
+    kind_of = {m: "image_stream" if m in oof.image else "cell_level" for m in oof.models}
+    blocks = find_blocks(corr, settings.threshold, kind_of if settings.blocks_by_kind else None)
     truth = targets.truth[:, rows]
     logger.info("scoring %d models", len(oof.models))
     scores = map_many(truth, (oof.cell[m][:, rows] for m in oof.models), n_jobs)
@@ -262,8 +268,7 @@ def _fit(
         tags=oof.tags,
         correlation=corr,
         blocks=blocks.blocks,
-        block_threshold=blocks.threshold,
-        block_rule=blocks.rule,
+        block_cuts=blocks.cuts,
         members=members,
         pruned=pruned,
         weights=weights,

@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 from ensemble.selectors.baselines import GreedyResult
+from ensemble.selectors.blocks import Cut
 from ensemble.selectors.fusion import FusionRule
 
 METHODS = ("hcpl", "hcpl_unfused", "best_single", "mean_all", "greedy")
@@ -63,10 +64,9 @@ class EnsembleSpec:
         Pearson correlation of the candidates' cell predictions, of kind ``correlation_kind``.
     blocks : dict of str to list of str
         Block -> its models, in dendrogram order.
-    block_threshold : float
-        Distance (1 - correlation) at which the dendrogram was cut.
-    block_rule : str
-        How that cut was chosen.
+    block_cuts : dict of str to Cut
+        Kind of model (``"image_stream"``, ``"cell_level"``, or ``"all"`` when blocks may mix
+        them) -> where its dendrogram was cut and why.
     members : dict of str to str
         Block -> the member chosen from it (best OOF mAP), for the blocks kept.
     weights : dict of str to float
@@ -103,8 +103,7 @@ class EnsembleSpec:
     tags: dict[str, dict[str, str]]
     correlation: pd.DataFrame
     blocks: dict[str, list[str]]
-    block_threshold: float
-    block_rule: str
+    block_cuts: dict[str, Cut]
     members: dict[str, str]
     weights: dict[str, float]
     aggregation: str
@@ -145,6 +144,10 @@ class EnsembleSpec:
                               "nested_per_class": _floats(v.get("nested_per_class"))})
             for k, v in data["scores"].items()
         }
+        if "block_threshold" in data:  # specs written before blocks were found per kind
+            data["block_cuts"] = {"all": {"models": list(data["correlation"].index), "silhouette": None,
+                                          "threshold": data.pop("block_threshold"), "rule": data.pop("block_rule")}}
+        data["block_cuts"] = {k: Cut(**v) for k, v in data["block_cuts"].items()}
         data["model_map"] = _floats(data["model_map"])
         data["per_class_ap"] = _floats(data["per_class_ap"])
         if data["greedy"] is not None:
@@ -161,17 +164,35 @@ class EnsembleSpec:
     def from_json(cls, path: str | Path) -> EnsembleSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def family_agreement(self) -> float | None:
+    def family_agreement(self, within_kinds: bool = True) -> float | None:
         """Adjusted Rand index of the blocks against the models' backbone families (``tags``).
 
         1: the blocks are exactly the families; about 0: no more alike than chance. None when
         a model has no family tag.
+
+        Parameters
+        ----------
+        within_kinds : bool
+            Compare with family within each kind of :attr:`block_cuts` (a DSA and a CLA of one
+            family are two families), which is all blocks found per kind can be; False compares
+            with family alone.
         """
         families = [self.tags.get(m, {}).get("family") for m in self.models]
         if None in families or "" in families:
             return None
+        if within_kinds:
+            kind_of = {m: kind for kind, cut in self.block_cuts.items() for m in cut.models}
+            families = [f"{kind_of[m]}/{family}" for m, family in zip(self.models, families, strict=True)]
         block_of = {m: b for b, models in self.blocks.items() for m in models}
         return float(adjusted_rand_score(families, [block_of[m] for m in self.models]))
+
+    def cuts_text(self) -> str:
+        """One line on how the blocks were cut, e.g. ``cell_level: silhouette, cut at 0.412``."""
+        return "; ".join(
+            f"{kind}: {cut.rule}" + (f", cut at distance {cut.threshold:.3f}" if cut.rule in ("silhouette", "given") else "")
+            + (f" (silhouette {cut.silhouette:.2f})" if cut.silhouette is not None else "")
+            for kind, cut in self.block_cuts.items()
+        )
 
     def fusion_check(self) -> tuple[int, int, int] | None:
         """Of the classes given the product rule (with positives): how many the product won and lost
@@ -197,14 +218,13 @@ class EnsembleSpec:
         left_out = {max(self.blocks[b], key=self.model_map.get) for b in self.pruned}
         lines = [
             f"Ensemble of {len(self.members)} members from {len(self.models)} models in {len(self.blocks)} blocks",
-            f"  blocks: {self.correlation_kind} correlation, cut at distance {self.block_threshold:.3f} ({self.block_rule}); "
-            f"aggregation: {self.aggregation}; fusion: {self.fusion_mode}"
+            f"  blocks: {self.correlation_kind} correlation; {self.cuts_text()}",
+            f"  aggregation: {self.aggregation}; fusion: {self.fusion_mode}"
             + (f", rho_th = {self.rho_th:.3f}" if self.rho_th is not None else "")
             + f"; integrity weighting: {'on' if self.integrity_weighting else 'off'}",
             "",
             "Blocks (OOF mAP; * = member, with its weight; - = best of a block left out)"
-            + (f"; agreement with backbone families: ARI {ari:.3f}" if (ari := self.family_agreement()) is not None
-               else ""),
+            + self._agreement_text(),
         ]
         for block, models in self.blocks.items():
             cells = [
@@ -246,11 +266,21 @@ class EnsembleSpec:
             ]
         return "\n".join(lines)
 
+    def _agreement_text(self) -> str:
+        if (ari := self.family_agreement()) is None:
+            return ""
+        if len(self.block_cuts) == 1:
+            return f"; agreement with backbone families: ARI {ari:.3f}"
+        return (f"; agreement with backbone families within each kind: ARI {ari:.3f} "
+                f"(with family alone: {self.family_agreement(within_kinds=False):.3f})")
+
 
 def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact_path: str = "ensemble") -> None:
     """Log the spec (``<artifact_path>/ensemble_spec.json``), the plots and the mAPs to the active run.
 
-    Metrics: ``map_<method>`` (in-sample) and ``map_<method>_nested`` (pooled out-of-sample).
+    Metrics: ``map_<method>`` (in-sample), ``map_<method>_nested`` (pooled out-of-sample) and the
+    blocks' agreement with backbone families, within each kind (``blocks_family_ari``) and with
+    family alone (``blocks_family_only_ari``).
 
     Raises
     ------
@@ -269,6 +299,7 @@ def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact
         metrics[f"map_{method}"] = score.in_sample
         metrics[f"map_{method}_nested"] = score.nested_pooled
     metrics["blocks_family_ari"] = spec.family_agreement()
+    metrics["blocks_family_only_ari"] = spec.family_agreement(within_kinds=False)
     mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
 
 
