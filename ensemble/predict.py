@@ -25,6 +25,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from ensemble import tracking
 from ensemble.data import hpa
 from ensemble.registry import CELL_COLUMNS, OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
 from ensemble.storage import write_parquet
@@ -240,7 +241,7 @@ def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, devi
     num_workers = num_workers or max(1, int(resources.get("CPU", 1)) - 1)
     # Actors load the model themselves, so they need the tracking server (or SQLite file) and a
     # model path that do not depend on their working directory.
-    tracking_uri = _absolute(mlflow.get_tracking_uri())
+    tracking_uri = tracking.tracking_uri(mlflow.get_tracking_uri())
     model_uri = model_uri if ":" in model_uri else str(Path(model_uri).resolve())
     # One block per image so idle actors pick up single images and the driver sees each result.
     dataset = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, len(ids)))
@@ -280,11 +281,3 @@ def _object_array(items: list) -> np.ndarray:
     for i, item in enumerate(items):
         array[i] = item
     return array
-
-
-def _absolute(tracking_uri: str) -> str:
-    """A relative SQLite tracking URI made absolute (``sqlite:///mlflow.db`` means the cwd's file)."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not tracking_uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(tracking_uri[len(prefix):]).resolve())
-    return tracking_uri

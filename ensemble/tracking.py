@@ -30,8 +30,16 @@ TAG_PARENT = "mlflow.parentRunId"
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI: the argument, else ``MLFLOW_TRACKING_URI``, else local SQLite in the cwd."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI: the argument, else ``MLFLOW_TRACKING_URI``, else local SQLite in the cwd.
+
+    A relative SQLite path (``sqlite:///mlflow.db``) is made absolute: Ray workers run in another
+    directory, where it would name another, empty database.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
 
 
 def client(uri: str | None = None) -> MlflowClient:

@@ -89,9 +89,10 @@ def test_fit_job_records_run_and_is_skipped_when_done(tmp_path, store, tiny_zoo_
     assert len(tracking.find_runs(ctx.experiment_id, {tracking.TAG_MODEL: "cla_tiny"}, ctx.tracking_uri)) == 1
 
 
-def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file):
+def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, monkeypatch):
     zoo = load_zoo(tiny_zoo_file)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"  # relative, as the CLI's default; Ray workers run in another directory
     result = train_zoo(zoo, store, str(tmp_path / "work"), tracking_uri=uri, progress=False)
     assert sorted(result.oof) == ["cla_tiny", "dsa_tiny"]
     cells = CellStore(store)

@@ -158,7 +158,8 @@ def _cut(corr: pd.DataFrame, threshold: float | None) -> tuple[np.ndarray, Cut]:
         if score is not None and (best is None or score >= best[0]):
             best = (score, t, labels)
     if best is None:
-        return singletons, Cut(models, 0.0, "no scorable cut: every model is its own block", None)
+        why = "2 models, no cut to score" if len(models) == 2 else "no scorable cut"
+        return singletons, Cut(models, 0.0, f"{why}: every model is its own block", None)
     score, t, labels = best
     if score <= NO_STRUCTURE:
         rule = f"no structure (best silhouette {score:.2f} <= {NO_STRUCTURE}): every model is its own block"
