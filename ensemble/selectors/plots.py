@@ -39,9 +39,8 @@ def plot_correlation(spec: EnsembleSpec, path: str | Path) -> Path:
     )
     ax_gap.axis("off")
     if n > 1:
-        kind_of = {m: kind for kind, cut in spec.block_cuts.items() for m in cut.models}
         tree = dendrogram(
-            model_linkage(corr, kind_of),
+            model_linkage(corr, spec.kind_of()),
             orientation="left",
             labels=list(corr.index),
             color_threshold=0,

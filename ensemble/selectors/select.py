@@ -142,8 +142,8 @@ def select_ensemble(
     """
     oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
     targets = align_labels(labels, oof)
-    settings = _Settings(correlation, threshold, blocks_by_kind, prune, fusion, rho_th, override_margin, dict(weights or {}),
-                         aggregation, image_models)
+    settings = _Settings(correlation, threshold, blocks_by_kind, prune, fusion, rho_th, override_margin,
+                         dict(weights or {}), aggregation, image_models)
     _check_settings(settings, oof, targets)
     greedy_params = GreedyParams() if greedy is True else (greedy or None)
     folds = oof.fold_slices()
@@ -220,8 +220,10 @@ def _fit(
 ) -> EnsembleSpec:
     """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
     corr = moments.correlation(exclude_fold=exclude_fold, kind=settings.correlation)
-    kind_of = {m: "image_stream" if m in oof.image else "cell_level" for m in oof.models}
-    blocks = find_blocks(corr, settings.threshold, kind_of if settings.blocks_by_kind else None)
+    kind_of = None
+    if settings.blocks_by_kind:  # the kinds are the hierarchical aggregation's groups
+        kind_of = {m: kind for kind, models in _groups(oof.models, oof, "hierarchical").items() for m in models}
+    blocks = find_blocks(corr, settings.threshold, kind_of)
     truth = targets.truth[:, rows]
     logger.info("scoring %d models", len(oof.models))
     scores = map_many(truth, (oof.cell[m][:, rows] for m in oof.models), n_jobs)

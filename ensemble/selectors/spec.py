@@ -181,13 +181,18 @@ class EnsembleSpec:
         if None in families or "" in families:
             return None
         if within_kinds:
-            kind_of = {m: kind for kind, cut in self.block_cuts.items() for m in cut.models}
+            kind_of = self.kind_of()
             families = [f"{kind_of[m]}/{family}" for m, family in zip(self.models, families, strict=True)]
         block_of = {m: b for b, models in self.blocks.items() for m in models}
         return float(adjusted_rand_score(families, [block_of[m] for m in self.models]))
 
+    def kind_of(self) -> dict[str, str]:
+        """Model -> the kind its blocks were found in (a key of :attr:`block_cuts`)."""
+        return {m: kind for kind, cut in self.block_cuts.items() for m in cut.models}
+
     def cuts_text(self) -> str:
-        """One line on how the blocks were cut, e.g. ``cell_level: silhouette, cut at 0.412``."""
+        """One line on how the blocks were cut, e.g.
+        ``cell_level: silhouette, cut at distance 0.489 (silhouette 0.44)``."""
         return "; ".join(
             f"{kind}: {cut.rule}" + (f", cut at distance {cut.threshold:.3f}" if cut.rule in ("silhouette", "given") else "")
             + (f" (silhouette {cut.silhouette:.2f})" if cut.silhouette is not None else "")
