@@ -29,10 +29,11 @@ from ensemble.data.hpa import read_image
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
 from ensemble.predict import predict_images
-from ensemble.registry import MemberCheckpoints, Preprocessing, save_ensemble
+from ensemble.registry import MemberCheckpoints, save_ensemble
+from ensemble.serving import Preprocessing
 from ensemble.selectors import OOFSet, make_synthetic_oof, select_ensemble
-from ensemble.trainers.loop import build_model
-from ensemble.trainers.spec import ModelSpec, load_zoo
+from ensemble.models import build_model
+from ensemble.zoo import ModelSpec, load_zoo
 
 MEMBERS = ("dsa_regnet", "cla_mobilenet", "cla_lcnet")
 
@@ -58,7 +59,7 @@ def build(workdir: Path, members: list[ModelSpec], n_folds: int, cell_size: int)
             folds[fold] = workdir / f"{spec.name}-fold{fold}.pt"
             torch.save(build_model(spec).state_dict(), folds[fold])
         checkpoints[spec.name] = MemberCheckpoints(spec, folds)
-    preprocessing = Preprocessing(create_segmenter("classical").describe(), crop_size=cell_size)
+    preprocessing = Preprocessing(create_segmenter("classical").describe(), cell_size=cell_size)
     return save_ensemble(workdir / "model", ensemble_spec(members), checkpoints, preprocessing)
 
 

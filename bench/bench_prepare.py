@@ -3,11 +3,11 @@
 Simulates ``medium`` datasets at 512 px and 2048 px (cached under ``--workdir``), then times, on the
 same images and in the same run:
 
-- a single-process loop calling :func:`ensemble.data.cells.process_image` on every image (read,
+- a single-process loop calling :func:`ensemble.data.crops.process_image` on every image (read,
   segment, measure, crop, match truth: the per-image work of a Ray worker, without Ray);
 - the same loop in two bare processes (a ``ProcessPoolExecutor``, already started), each taking
   every other image: what two cores of this machine give at best, with no Ray at all;
-- :func:`ensemble.data.cells.prepare` into a fresh store with 1 and 2 Ray workers (the actor pool),
+- :func:`ensemble.data.store_build.prepare` into a fresh store with 1 and 2 Ray workers (the actor pool),
   writing shards and tables.
 
 Ray is started before the clock. ``prepare``'s time includes starting its actors (a Python process
@@ -31,7 +31,9 @@ from pathlib import Path
 
 import ray
 
-from ensemble.data.cells import CellStore, prepare, process_image
+from ensemble.data.crops import process_image
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_index, read_truth
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
@@ -49,7 +51,7 @@ def process_all(root: Path, image_ids: list[str]) -> None:
     """The per-image work of a Ray worker, one image after another."""
     segmenter, truth = create_segmenter("classical"), read_truth(root)
     for image_id in image_ids:
-        process_image(root, image_id, segmenter, size=64, truth=truth)
+        process_image(root, image_id, segmenter, cell_size=64, truth=truth)
 
 
 def single_process(root: Path) -> float:

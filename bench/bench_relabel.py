@@ -28,10 +28,10 @@ import ray
 import torch
 
 from bench_vid import machine, markdown, simulated_store
-from ensemble.data.cells import CellStore
+from ensemble.data.store import CellStore
 from ensemble.trainers.relabel import (DEFAULT_BETA, combined_confidence, cra_rounds, label_quality, oof_maps,
                                        power_normalise, zoo_trainer)
-from ensemble.trainers.spec import load_zoo
+from ensemble.zoo import load_zoo
 
 BETAS = (0.25, 0.5, 1.0, 2.0)
 
@@ -58,7 +58,8 @@ def write_zoo(path: Path, args: argparse.Namespace) -> Path:
     path.write_text(
         "name: bench\n"
         f"cell_size: {args.cell_size}\n"
-        f"train: {{batch_size: 48, lr: {args.lr}, augment: 0.3, in_memory: true, torch_threads: 1}}\n"
+        f"train: {{batch_size: 48, lr: {args.lr}, augment: 0.3}}\n"
+        "placement: {in_memory: true, torch_threads: 1}\n"
         "models:\n"
         f"  - {{name: dsa, head: dsa, backbone: {args.backbone}, cells_per_image: 8,"
         f" train: {{epochs: {args.dsa_epochs}, patience: {args.dsa_epochs}}}}}\n"

@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 import ray
 
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.datasets import CellDataset
 from ensemble.data.synthetic import simulate
 
@@ -39,7 +40,7 @@ def build_store(workdir: Path, n_images: int) -> CellStore:
     if not (root / "train.csv").exists():
         simulate(root, n_images, seed=7, size=512)
     ray.init(include_dashboard=False, log_to_driver=False)
-    prepare(root, str(store), size=64, progress=False)
+    prepare(root, str(store), cell_size=64, progress=False)
     ray.shutdown()
     return CellStore(store)
 

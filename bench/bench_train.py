@@ -26,12 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.datasets import CellDataset
 from ensemble.data.synthetic import simulate
 from ensemble.trainers.fit import RunContext, trainer_for
-from ensemble.trainers.loop import _criterion, build_model
-from ensemble.trainers.spec import ModelSpec, TrainSettings, load_zoo
+from ensemble.models import build_model
+from ensemble.trainers.loop import _criterion
+from ensemble.zoo import ModelSpec, Placement, TrainSettings, load_zoo
 from ensemble.trainers.zoo import train_zoo
 
 THREADS = 2
@@ -81,7 +83,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     simulate(work / "data", n_images=args.images, seed=0, size=384)
     ray.init(address="local", num_cpus=2, log_to_driver=False)
-    prepare(str(work / "data"), str(work / "store"), size=48, n_folds=3, progress=False)
+    prepare(str(work / "data"), str(work / "store"), cell_size=48, n_folds=3, progress=False)
     store = CellStore(str(work / "store"))
     uri = f"sqlite:///{work}/mlflow.db"
     ctx = RunContext(zoo="bench", store=str(work / "store"), workdir=str(work / "runs"),
@@ -89,9 +91,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
           f"available, {len(store)} cells")
     if args.only in (None, "loop"):
-        spec = ModelSpec(name="cla_regnet", head="cla", backbone="regnetx_002", image_size=48,
-                         train=TrainSettings(epochs=args.epochs, batch_size=48, lr=1e-3, augment=0.0, patience=99,
-                                             in_memory=True, torch_threads=THREADS, cpus_per_worker=2.0))
+        spec = ModelSpec(name="cla_regnet", head="cla", backbone="regnetx_002", cell_size=48,
+                         train=TrainSettings(epochs=args.epochs, batch_size=48, lr=1e-3, augment=0.0, patience=99),
+                         placement=Placement(in_memory=True, torch_threads=THREADS, cpus_per_worker=2.0))
         # Interleave, so drift of the machine's speed hits both loops alike.
         bare, inside = [], []
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -23,12 +23,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.synthetic import simulate
 from ensemble.integrity import cross_validate_integrity, simulated_good
 from ensemble.metrics import cell_map
 from ensemble.storage import read_parquet
-from ensemble.trainers.loop import CELL_COLUMNS, evaluation_labels
+from ensemble.data.store import evaluation_labels
+from ensemble.oof import CELL_COLUMNS
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +60,7 @@ def simulated_store(workdir: str, difficulty: str, n_images: int, size: int, cel
         started = not ray.is_initialized()
         if started:
             ray.init(address="local", num_cpus=2, log_to_driver=False)
-        prepare(str(base / "data"), str(store), size=cell_size, n_folds=n_folds, progress=False)
+        prepare(str(base / "data"), str(store), cell_size=cell_size, n_folds=n_folds, progress=False)
         if started:
             ray.shutdown()
     return str(store)

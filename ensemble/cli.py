@@ -1,7 +1,7 @@
 """The `ensemble` command line: each step of the pipeline as a subcommand.
 
     ensemble simulate OUT --images 200 --seed 0
-    ensemble prepare DATA --out STORE --size 64 --folds 3
+    ensemble prepare DATA --out STORE --cell-size 64 --folds 3
     ensemble train-all [--zoo quick] [--data DATA] [--workdir runs]
     ensemble sweep --model cla_regnet --samples 8
     ensemble select --store runs/store --oof-dir runs/oof
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ def cmd_simulate(args) -> int:
     from ensemble.data.synthetic import simulate
     from ensemble.plots import contact_sheet
 
-    result = simulate(args.out, n_images=args.images, seed=args.seed, size=args.size, difficulty=args.difficulty,
+    result = simulate(args.out, n_images=args.images, seed=args.seed, size=args.image_px, difficulty=args.difficulty,
                       bit_depth=args.bit_depth, rare_oversample=args.rare_oversample, split=args.split)
     sheet = contact_sheet(args.out, Path(args.out) / "contact_sheet.png", split=args.split)
     print(f"simulated {len(result.image_ids)} images, {result.n_cells} cells in {result.seconds:.1f} s -> {args.out}")
@@ -50,47 +49,32 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ensemble.data.cells import prepare
+    from ensemble.data.store_build import prepare
 
     _ray_init()
-    report = prepare(_absolute(args.data), _absolute(args.out), size=args.size, n_folds=args.folds, seed=args.seed,
-                     segmenter=args.segmenter, num_workers=args.workers, split=args.split)
+    report = prepare(_absolute(args.data), _absolute(args.out), cell_size=args.cell_size, n_folds=args.folds,
+                     seed=args.seed, segmenter=args.segmenter, num_workers=args.workers, split=args.split)
     print(report)
     return 0
 
 
-def default_dataset(workdir: str, images: int, seed: int, size: int, difficulty: str) -> str:
-    """The built-in default dataset: simulated once into ``{workdir}/data`` and reused after."""
-    from ensemble.data.synthetic import simulate
-
-    root = Path(workdir) / "data"
-    if not (root / "train.csv").exists():
-        print(f"no --data given: simulating {images} images ({difficulty}, {size} px) into {root}")
-        simulate(root, n_images=images, seed=seed, size=size, difficulty=difficulty)
-    return str(root)
-
-
 def cmd_train_all(args) -> int:
-    from ensemble.trainers.pipeline import train_all
+    from ensemble.demo import default_dataset
+    from ensemble.pipeline import train_all
+    from ensemble.zoo import load_zoo, zoo_with
 
+    zoo = zoo_with(load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None),
+                   relabel_rounds=args.relabel_rounds, integrity=args.integrity)
     _ray_init()
     data = args.data or default_dataset(args.workdir, args.images, args.seed, args.image_px, args.difficulty)
-    from ensemble.trainers.spec import load_zoo
-
-    zoo = load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None)
-    if args.relabel_rounds is not None:
-        zoo = dataclasses.replace(zoo, relabel=dataclasses.replace(zoo.relabel, rounds=args.relabel_rounds))
-    if args.integrity:
-        zoo = dataclasses.replace(zoo, integrity=dataclasses.replace(zoo.integrity, enabled=True))
     result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
-                       tracking_uri=args.tracking_uri, sweep=args.sweep,
-                       sweep_samples=args.sweep_samples)
+                       tracking_uri=args.tracking_uri, sweep=args.sweep, sweep_samples=args.sweep_samples)
     print(result.report())
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from ensemble.trainers.pipeline import sweep_model
+    from ensemble.pipeline import sweep_model
 
     _ray_init()
     result = sweep_model(args.zoo, args.model, workdir=_absolute(args.workdir), space=args.space,
@@ -103,8 +87,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_select(args) -> int:
     from ensemble import tracking
-    from ensemble.selectors import load_oof_dir, load_oof_mlflow
-    from ensemble.trainers.pipeline import select_step
+    from ensemble.oof import load_oof_dir, load_oof_mlflow
+    from ensemble.pipeline import select_step
 
     if bool(args.oof_dir) == bool(args.experiment):
         raise ValueError("give one source of OOF tables: --oof-dir DIR or --experiment NAME")
@@ -122,39 +106,13 @@ def cmd_select(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """train-all on the built-in default, then the registered ensemble scored on unseen simulated images."""
-    import pandas as pd
+    from ensemble.demo import run_demo
 
-    from ensemble.data.synthetic import simulate
-    from ensemble.evaluate import evaluate, prediction_members
-    from ensemble.predict import predict_images
-
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
-    cmd_train_all(argparse.Namespace(
-        zoo="quick", data=None, workdir=str(out), images=args.images, seed=0, image_px=args.image_px,
-        difficulty=args.difficulty, experiment=None, tracking_uri=None, epochs=args.epochs, sweep=False,
-        sweep_samples=0, relabel_rounds=args.relabel_rounds, integrity=args.integrity))
-    test_root = out / "test_data"
-    if not (test_root / "test.csv").exists():
-        # Another seed than the training data's, in a folder of its own: images no model has seen.
-        simulate(test_root, n_images=args.test_images, seed=1000, size=args.image_px, difficulty=args.difficulty,
-                 split="test")
-    predictions = predict_images("models:/hpa-ensemble@champion", str(test_root), split="test",
-                                 out=str(out / "test_predictions.parquet"), members=True)
-    rows = {"ensemble": evaluate(predictions.out, str(test_root), plot=out / "test_per_class.png")}
-    for member in prediction_members(predictions.out):
-        rows[member] = evaluate(predictions.out, str(test_root), plot=out / f"test_per_class_{member}.png",
-                                member=member)
-    table = pd.DataFrame({"competition_map": [r.competition.map for r in rows.values()],
-                          "cell_map": [r.cell.map for r in rows.values()]}, index=pd.Index(list(rows), name="model"))
-    scores = rows["ensemble"]
-    print(f"\nRegistered ensemble and its member networks on {scores.n_images} held-out simulated test images "
-          f"({scores.n_cells} cells; competition mAP: mask IoU >= 0.6):")
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"  per-class AP plot: {out / 'test_per_class.png'};  MLflow: mlflow ui --backend-store-uri "
-          f"{os.environ['MLFLOW_TRACKING_URI']}")
+    _ray_init()
+    result = run_demo(args.out, images=args.images, image_px=args.image_px, difficulty=args.difficulty,
+                      epochs=args.epochs, test_images=args.test_images, relabel_rounds=args.relabel_rounds,
+                      integrity=args.integrity)
+    print(result.report())
     return 0
 
 
@@ -167,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--image-px", type=int, default=512, help="image side in pixels")
     p.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="medium")
     p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
     p.add_argument("--rare-oversample", type=float, default=1.0, help="boost rare classes (1 = real rates)")
@@ -177,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="segment images and build the cell-crop store")
     p.add_argument("data")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=64, help="crop size S")
+    p.add_argument("--cell-size", type=int, default=64, help="side S of the cell crops, in pixels")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--segmenter", default="classical")

@@ -19,7 +19,8 @@ def cmd_register(args) -> int:
     import tempfile
 
     from ensemble import tracking
-    from ensemble.registry import Preprocessing, member_checkpoints, needed_models, register_ensemble
+    from ensemble.registry import member_checkpoints, needed_models, register_ensemble
+    from ensemble.serving import Preprocessing
     from ensemble.selectors import EnsembleSpec
 
     spec = EnsembleSpec.from_json(args.spec)

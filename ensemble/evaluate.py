@@ -22,7 +22,7 @@ from ensemble.data import hpa
 from ensemble.data.segment import match_cells
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.metrics import ImageCells, MapResult, cell_map, competition_map
-from ensemble.registry import CELL_COLUMNS, member_columns
+from ensemble.oof import CELL_COLUMNS, member_columns
 from ensemble.submission import decode_mask, read_submission
 
 

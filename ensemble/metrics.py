@@ -208,6 +208,21 @@ def mask_iou(mask_a: np.ndarray, ids_a: np.ndarray, mask_b: np.ndarray, ids_b: n
     numpy.ndarray
         (n, m) float IoU; 0 where both cells are empty.
     """
+    return overlap_iou(overlap_counts(mask_a, ids_a, mask_b, ids_b))
+
+
+def overlap_counts(mask_a: np.ndarray, ids_a: np.ndarray, mask_b: np.ndarray, ids_b: np.ndarray) -> np.ndarray:
+    """Pixels shared by every cell of one instance mask and every cell of another.
+
+    Parameters are those of :func:`mask_iou`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n + 1, m + 1) int64 pixel counts: [i, j] for cells ``ids_a[i - 1]`` and ``ids_b[j - 1]``,
+        row and column 0 for the background (and labels not in the ids); so row sums are the areas
+        of a's cells, column sums those of b's.
+    """
     # One np.bincount over the pair (row of a, column of b) of every pixel gives all n*m
     # intersections at once: exact, O(pixels), and no per-cell binary masks or RLEs to build
     # (pycocotools.mask.iou would need both, which costs O(pixels * cells)).
@@ -218,10 +233,14 @@ def mask_iou(mask_a: np.ndarray, ids_a: np.ndarray, mask_b: np.ndarray, ids_b: n
     pair *= m + 1
     pair += _dense_index(mask_b, ids_b)
     joint = np.bincount(pair.ravel(), minlength=(n + 1) * (m + 1))
-    joint = joint.reshape(n + 1, m + 1)
-    intersection = joint[1:, 1:]
-    union = joint[1:, :].sum(axis=1)[:, None] + joint[:, 1:].sum(axis=0)[None, :] - intersection
-    return np.divide(intersection, union, out=np.zeros((n, m)), where=union > 0)
+    return joint.reshape(n + 1, m + 1)
+
+
+def overlap_iou(counts: np.ndarray) -> np.ndarray:
+    """(n, m) IoU of the cells of an :func:`overlap_counts` table; 0 where both cells are empty."""
+    intersection = counts[1:, 1:]
+    union = counts[1:, :].sum(axis=1)[:, None] + counts[:, 1:].sum(axis=0)[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros(intersection.shape), where=union > 0)
 
 
 def oid_average_precision(scores: np.ndarray, is_true_positive: np.ndarray, n_truth: int) -> float:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ensemble import tracking
 from ensemble.data import hpa
-from ensemble.registry import CELL_COLUMNS, OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
+from ensemble.oof import CELL_COLUMNS
+from ensemble.serving import OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
 from ensemble.storage import write_parquet
 from ensemble.submission import Detection, SubmissionImage, write_submission
 
@@ -42,7 +43,7 @@ class PredictResult:
     Attributes
     ----------
     cells : DataFrame
-        One row per cell, :data:`ensemble.registry.OUTPUT_COLUMNS`, sorted by image and cell.
+        One row per cell, :data:`ensemble.serving.OUTPUT_COLUMNS`, sorted by image and cell.
     images : DataFrame
         ``image_id, width, height, n_cells`` of every image read (also those without cells).
     report : BatchReport
@@ -111,7 +112,7 @@ def predict_images(
     progress : bool
         Show a progress bar (images, cells/s).
     members : bool
-        Also keep each member network's own cell probabilities (``registry.member_columns``),
+        Also keep each member network's own cell probabilities (:func:`ensemble.oof.member_columns`),
         so that :func:`ensemble.evaluate.evaluate` can score the members beside the ensemble.
     """
     if out is not None and Path(str(out)).suffix not in (".parquet", ".csv"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +16,15 @@ import pytest
 from PIL import Image
 
 from ensemble.data import hpa
-from ensemble.data.cells import CellStore, StoreMismatchError, prepare, process_image
+from ensemble.data.crops import process_image
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import StoreMismatchError, prepare
 from ensemble.data.folds import assign_folds
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
 from ensemble.labels import CHANNELS
 
-SETTINGS = dict(size=24, n_folds=3, seed=0, chunk_size=2, progress=False)
+SETTINGS = dict(cell_size=24, n_folds=3, seed=0, chunk_size=2, progress=False)
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -54,7 +57,7 @@ def store(dataset, tmp_path_factory) -> str:
 def test_store_layout_and_contents(store, dataset):
     cells = CellStore(store)
     meta = cells.meta
-    assert meta["size"] == 24 and meta["dtype"] == "uint8" and meta["channels"] == list(CHANNELS)
+    assert meta["cell_size"] == 24 and meta["dtype"] == "uint8" and meta["channels"] == list(CHANNELS)
     assert meta["segmenter"]["name"] == "classical" and "nucleus_diameter" in meta["segmenter"]["settings"]
     table = cells.cells
     index = hpa.read_index(dataset).sort_values("ID")
@@ -99,8 +102,18 @@ def test_rerun_on_a_finished_store_returns_at_once(store, dataset):
     start = time.perf_counter()
     report = prepare(dataset, store, **SETTINGS)
     assert report.chunks_built == 0 and time.perf_counter() - start < 5
-    with pytest.raises(StoreMismatchError, match="size"):
-        prepare(dataset, store, **{**SETTINGS, "size": 32})
+    with pytest.raises(StoreMismatchError, match="cell_size"):
+        prepare(dataset, store, **{**SETTINGS, "cell_size": 32})
+
+
+def test_store_written_before_cell_size_had_its_name_still_loads(store, dataset, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(store.removeprefix("file://"), old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["size"] = meta.pop("cell_size")  # the meta.json of stores written before the rename
+    (old / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    assert CellStore(old).cell_size == 24 and CellStore(old).crops([0]).shape == (1, 4, 24, 24)
+    assert prepare(dataset, str(old), **SETTINGS).chunks_built == 0, "an old store is reused, not rebuilt"
 
 
 def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
@@ -109,7 +122,7 @@ def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
     # stale address from an earlier Ray on this machine and wait minutes for a GCS that is gone.
     script = textwrap.dedent(f"""
         import ray
-        from ensemble.data.cells import prepare
+        from ensemble.data.store_build import prepare
         ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
         prepare({str(dataset)!r}, {str(resumed)!r}, num_workers=1, **{SETTINGS!r})
     """)
@@ -162,6 +175,6 @@ def test_given_masks_are_used_as_they_are(tmp_path):
     given[10:60, 10:60], given[70:120, 20:100] = 7, 300
     (tmp_path / "masks").mkdir()
     Image.fromarray(given).save(tmp_path / "masks" / f"{image_id}.png")
-    cells = process_image(tmp_path, image_id, create_segmenter(), size=16)
+    cells = process_image(tmp_path, image_id, create_segmenter(), cell_size=16)
     assert list(cells.table["cell_id"]) == [7, 300] and list(cells.table["area"]) == [2500, 4000]
     assert cells.crops.shape == (2, 4, 16, 16)

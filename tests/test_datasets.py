@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ensemble.data.augment import build_augment
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.datasets import BagDataset, CellDataset
 from ensemble.data.synthetic import simulate
 
@@ -16,7 +17,7 @@ def store(local_ray, tmp_path_factory) -> CellStore:
     root = tmp_path_factory.mktemp("data")
     simulate(root, 6, seed=11, size=256)
     path = tmp_path_factory.mktemp("store") / "store"
-    prepare(root, str(path), size=16, n_folds=2, chunk_size=3, progress=False)
+    prepare(root, str(path), cell_size=16, n_folds=2, chunk_size=3, progress=False)
     return CellStore(path)
 
 

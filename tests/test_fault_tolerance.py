@@ -18,10 +18,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, oof_uri, trainer_for
-from ensemble.trainers.spec import load_zoo
+from ensemble.zoo import load_zoo
 
 EPOCHS = 4
 
@@ -41,7 +42,7 @@ def store(cluster, small_dataset, tmp_path_factory) -> str:
     node = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     uri = str(tmp_path_factory.mktemp("store") / "store")
-    prepare(str(small_dataset), uri, size=32, n_folds=3, num_workers=2, progress=False)
+    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, num_workers=2, progress=False)
     cluster.remove_node(node)
     return uri
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.integrity import (CAPTURE_CLASSES, BorderCutDataset, IntegrityModel, border_cut, capture_class,
                                 cross_validate_integrity, integrity_weight, load_integrity, read_good_csv,
                                 simulated_good, whole_cells)
@@ -18,7 +19,7 @@ FAST = dict(backbone="test_efficientnet", epochs=2, batch_size=32)
 @pytest.fixture(scope="module")
 def store(local_ray, small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("integrity") / "store")
-    prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
+    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, progress=False)
     return CellStore(uri)
 
 

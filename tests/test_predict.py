@@ -5,6 +5,8 @@ registered model, where Ray is up already.)"""
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,13 @@ from ensemble.data.synthetic import simulate
 from ensemble.evaluate import evaluate, prediction_members
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.predict import PredictResult, predict_images, write_predictions
-from ensemble.registry import CELL_COLUMNS, OUTPUT_COLUMNS, Preprocessing, load_ensemble, save_ensemble
+from ensemble.oof import CELL_COLUMNS
+from ensemble.registry import save_ensemble
+from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
 from ensemble.submission import encode_mask, read_submission
 from test_registry import tiny_members, tiny_spec
 
-PREPROCESSING = Preprocessing(create_segmenter("classical").describe(), crop_size=32)
+PREPROCESSING = Preprocessing(create_segmenter("classical").describe(), cell_size=32)
 BAD = ("bad-truncated", "bad-missing")
 
 
@@ -83,6 +87,33 @@ def test_local_predict_skips_bad_images_and_writes_one_row_per_cell(local, image
     assert written[CELL_COLUMNS].to_numpy().min() >= 0 and written[CELL_COLUMNS].to_numpy().max() <= 1
     timings = local.timings
     assert timings.images == 4 and timings.cells == len(local.cells) and timings.segment > 0 and timings.members > 0
+
+
+def test_model_registered_in_the_old_form_still_loads_and_predicts_the_same(model_dir, images, local, tmp_path,
+                                                                          monkeypatch):
+    """Models saved before serving.py and the one name cell_size: the pickle names
+    ensemble.registry.EnsembleModel, config.json says crop_size, image_size and placement in train."""
+    import cloudpickle
+
+    from ensemble.serving import EnsembleModel
+
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    monkeypatch.setattr(EnsembleModel, "__module__", "ensemble.registry")
+    pickled = cloudpickle.dumps(EnsembleModel())
+    monkeypatch.undo()
+    assert b"ensemble.registry" in pickled
+    (old / "python_model.pkl").write_bytes(pickled)
+    config_path = next(old.rglob("config.json"))
+    config = json.loads(config_path.read_text())
+    config["preprocessing"]["crop_size"] = config["preprocessing"].pop("cell_size")
+    for member in config["members"].values():
+        member["image_size"] = member.pop("cell_size")
+        member["train"].update(member.pop("placement"))
+    config_path.write_text(json.dumps(config))
+    again = predict_images(str(old), images, out=tmp_path / "preds.parquet", engine="local", batch_size=3,
+                           progress=False)
+    pd.testing.assert_frame_equal(again.cells, local.cells)
 
 
 def test_submission_decodes_to_the_segmented_cell_masks(local, images, model_dir, tmp_path):

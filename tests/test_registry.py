@@ -28,24 +28,26 @@ from PIL import Image
 
 from ensemble import tracking
 from ensemble.cli_product import add_commands
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_image
 from ensemble.data.synthetic import simulate
 from ensemble.labels import CHANNELS
 from ensemble.predict import predict_images
-from ensemble.registry import (CELL_COLUMNS, OUTPUT_COLUMNS, MemberCheckpoints, Preprocessing, load_ensemble,
-                               member_checkpoints, register_ensemble)
+from ensemble.models import build_model
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
+from ensemble.registry import MemberCheckpoints, member_checkpoints, register_ensemble
+from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
 from ensemble.selectors import apply_spec, make_synthetic_oof, select_ensemble
 from ensemble.submission import decode_mask
-from ensemble.trainers.fit import spec_hash
-from ensemble.trainers.loop import IMAGE_COLUMNS, build_model, predict_fold
-from ensemble.trainers.spec import ModelSpec
+from ensemble.trainers.loop import predict_fold
+from ensemble.zoo import ModelSpec
 
 NAME = "hpa-ensemble"
 CHAMPION = f"models:/{NAME}@champion"
 MODEL_SPECS = {  # the DSA runs at 24 px on 32 px crops: inference must resize as training does
-    "dsa_resnet_0": ModelSpec("dsa_resnet_0", "dsa", "test_resnet", image_size=24, cells_per_image=4),
-    "cla_effnet_0": ModelSpec("cla_effnet_0", "cla", "test_efficientnet", image_size=32),
+    "dsa_resnet_0": ModelSpec("dsa_resnet_0", "dsa", "test_resnet", cell_size=24, cells_per_image=4),
+    "cla_effnet_0": ModelSpec("cla_effnet_0", "cla", "test_efficientnet", cell_size=32),
 }
 
 
@@ -143,7 +145,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("trained")
     simulate(tmp / "data", n_images=6, seed=1, size=256)
     store = str(tmp / "store")
-    prepare(tmp / "data", store, size=32, n_folds=2, progress=False)
+    prepare(tmp / "data", store, cell_size=32, n_folds=2, progress=False)
     uri = f"sqlite:///{tmp}/mlflow.db"
     members = tiny_members(tmp / "checkpoints")
     client = tracking.client(uri)
@@ -151,7 +153,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     for name, member in members.items():
         for fold, path in member.folds.items():
             tags = {tracking.TAG_KIND: "job", tracking.TAG_MODEL: name, tracking.TAG_FOLD: str(fold),
-                    tracking.TAG_SPEC: spec_hash(member.spec), tracking.TAG_HEAD: member.spec.head}
+                    tracking.TAG_SPEC: member.spec.fingerprint(), tracking.TAG_HEAD: member.spec.head}
             run = client.create_run(experiment_id, run_name=f"tiny-{name}-fold{fold}", tags=tags)
             client.log_param(run.info.run_id, "store", store)
             client.log_artifact(run.info.run_id, str(path), artifact_path="checkpoint")

@@ -7,18 +7,19 @@ import pandas as pd
 import pytest
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore, prepare
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
 from ensemble.labels import NUM_CLASSES
 from ensemble.storage import read_parquet, write_parquet
-from ensemble.trainers.loop import CELL_COLUMNS
+from ensemble.oof import CELL_COLUMNS
 from ensemble.trainers.relabel import cra_rounds, label_quality, power_normalise, relabel, relabelled_zoo, zoo_trainer
-from ensemble.trainers.spec import load_zoo
+from ensemble.zoo import load_zoo
 
 
 @pytest.fixture(scope="module")
 def store(local_ray, small_dataset, tmp_path_factory) -> CellStore:
     uri = str(tmp_path_factory.mktemp("relabel") / "store")
-    prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
+    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, progress=False)
     return CellStore(uri)
 
 

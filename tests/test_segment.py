@@ -8,13 +8,12 @@ import pytest
 import torch
 from skimage.draw import disk
 
+from ensemble.data.hpacellseg import HPACellSegmenterUnavailable, label_cell_predictions
 from ensemble.data.segment import (
     ClassicalSegmenter,
     ClassicalSettings,
-    HPACellSegmenterUnavailable,
     create_segmenter,
     from_given_mask,
-    label_cell_predictions,
     match_cells,
 )
 from ensemble.data.synthetic import simulate_image

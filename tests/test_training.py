@@ -12,14 +12,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore, prepare
-from ensemble.registry import load_ensemble
+from ensemble.data.store import CellStore
+from ensemble.data.store_build import prepare
+from ensemble.serving import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
-from ensemble.trainers.loop import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.trainers.pipeline import select_step, train_all
-from ensemble.trainers.spec import IntegritySettings, RelabelSettings, SpecError, load_zoo
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
+from ensemble.pipeline import select_step, train_all
+from ensemble.zoo import IntegritySettings, RelabelSettings, SpecError, load_zoo
 from ensemble.trainers.sweep import load_search_space, sweep
 from ensemble.trainers.zoo import train_zoo
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("local_ray")
 @pytest.fixture(scope="module")
 def store(small_dataset, tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("store") / "store")
-    prepare(str(small_dataset), uri, size=32, n_folds=3, progress=False)
+    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, progress=False)
     return uri
 
 
@@ -51,8 +52,8 @@ def assert_complete_oof(table: pd.DataFrame, store: CellStore, folds) -> None:
 
 def test_two_worker_ddp_job_writes_complete_oof(tmp_path, store, tiny_zoo_file):
     spec = load_zoo(tiny_zoo_file).model("dsa_tiny")
-    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, num_workers=2, cpus_per_worker=1.0,
-                                                               epochs=2))
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=2),
+                               placement=dataclasses.replace(spec.placement, num_workers=2, cpus_per_worker=1.0))
     ctx = context(tmp_path, store)
     result = trainer_for(spec, 1, ctx).fit()
     summary = result.return_value
@@ -132,6 +133,10 @@ def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     first = fit_job(spec, 2, ctx)
     changed = fit_job(dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=3e-3)), 2, ctx)
     assert not changed.skipped and changed.run_id != first.run_id
+    # Where a job runs is not what it learns: other placement finds the finished job.
+    moved = fit_job(dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, cpus_per_worker=0.5,
+                                                                            in_memory=False)), 2, ctx)
+    assert moved.skipped and moved.run_id == first.run_id
 
 
 def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo_file):
@@ -142,7 +147,8 @@ def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo
     spec = load_zoo(tiny_zoo_file).model("cla_tiny")
     # One trial at a time (a trial's driver holds 0.01 CPU, its worker 0.9): later trials are
     # measured against the earlier ones at each ASHA rung.
-    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4, cpus_per_worker=0.9))
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=4),
+                               placement=dataclasses.replace(spec.placement, cpus_per_worker=0.9))
     ctx = context(tmp_path, store)
     result = sweep(spec, ctx, load_search_space(space_file), num_samples=4, max_concurrent=1)
     epochs_run = result.trials["epochs_run"]
@@ -184,6 +190,9 @@ def test_zoo_errors_name_file_and_key(tmp_path):
         load_zoo(bad)
     bad.write_text("relabel: {rounds: 2, bta: 0.5}\nmodels:\n  - {name: a, head: cla, backbone: test_resnet}\n")
     with pytest.raises(SpecError, match=r"zoo\.yaml: relabel: unknown key\(s\) \['bta'\]"):
+        load_zoo(bad)
+    bad.write_text("train: {epochs: 2, cpus_per_worker: 4}\nmodels:\n  - {name: a, head: cla, backbone: test_resnet}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: train: \['cpus_per_worker'\] .* under 'placement:'"):
         load_zoo(bad)
     with pytest.raises(SpecError, match="built-in zoos"):
         load_zoo("no_such_zoo")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ensemble.data.cells import CellStore
+from ensemble.data.store import CellStore
 
 
 def _open(store: CellStore | str) -> CellStore:

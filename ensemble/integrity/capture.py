@@ -4,7 +4,7 @@ The paper trains an EfficientNet-B2 on whole cells with part of their border are
 captured fractions below 30 %, 30-50 %, 50-80 % and 80-100 % are classes 0-3, learnt with
 cross-entropy. :class:`BorderCutDataset` makes such examples from whole-cell crops of the store:
 it zeroes a band on one side of the cell so that a drawn fraction of its mask area remains, then
-frames what is left the way the store frames every cell (:func:`ensemble.data.cells.crop_cells`:
+frames what is left the way the store frames every cell (:func:`ensemble.data.crops.crop_cells`:
 bounding box, centred square padding, resize), so a cut example looks like a cell that the image
 border or the segmentation really cut.
 """
@@ -137,22 +137,22 @@ class CaptureNet(nn.Module):
     ----------
     backbone : str
         timm model name (the paper: ``efficientnet_b2``).
-    image_size : int
+    cell_size : int
         Side of the cells it takes; other sizes are resized to it.
     pretrained : bool
         Start from timm's pretrained weights (downloads them).
     """
 
-    def __init__(self, backbone: str, image_size: int, pretrained: bool = False):
+    def __init__(self, backbone: str, cell_size: int, pretrained: bool = False):
         super().__init__()
-        self.image_size = image_size
-        self.backbone = create_backbone(backbone, pretrained=pretrained, img_size=image_size)
+        self.cell_size = cell_size
+        self.backbone = create_backbone(backbone, pretrained=pretrained, img_size=cell_size)
         self.fc = nn.Linear(self.backbone.num_features, len(CAPTURE_CLASSES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cells (B, 4, S, S) float in [0, 1] -> class logits (B, 4)."""
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        if x.shape[-1] != self.cell_size:
+            x = F.interpolate(x, size=(self.cell_size, self.cell_size), mode="bilinear", antialias=True)
         return self.fc(self.backbone(x).mean(dim=(2, 3)))
 
 

@@ -16,7 +16,8 @@ import io
 import numpy as np
 import pandas as pd
 
-from ensemble.data.cells import TRUTH_IOU, CellStore
+from ensemble.data.crops import TRUTH_IOU
+from ensemble.data.store import CellStore
 from ensemble.data.features import VID_FEATURES
 from ensemble.storage import read_bytes
 

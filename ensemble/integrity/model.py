@@ -30,7 +30,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from xgboost import XGBClassifier
 
-from ensemble.data.cells import TRUTH_IOU, CellStore
+from ensemble.data.crops import TRUTH_IOU
+from ensemble.data.store import CellStore
 from ensemble.data.features import VID_FEATURES
 from ensemble.integrity.capture import (CAPTURE_CLASSES, CAPTURE_EDGES, CaptureNet, capture_class, predict_capture,
                                         train_capture)
@@ -66,7 +67,7 @@ class IntegrityModel:
         default, timm's tiny test EfficientNet, trains from scratch on a CPU in seconds. On 24
         simulated images it reached a held-out AUC of 0.96 in 15 s, where an ``efficientnet_b0``
         from scratch reached 0.62 in 90 s: small data needs a small network.
-    image_size : int, optional
+    cell_size : int, optional
         Cell side of the capture network; default: the store's crop size.
     pretrained : bool
         Start the capture network from timm's pretrained weights (downloads them).
@@ -82,25 +83,25 @@ class IntegrityModel:
     ----------
     classifier_ : xgboost.XGBClassifier
     capture_net_ : CaptureNet
-    image_size_ : int
+    cell_size_ : int
     history_ : list of float
         Training loss of the capture network per epoch (empty after :func:`load_integrity`).
     """
 
-    def __init__(self, backbone: str = "test_efficientnet", image_size: int | None = None, pretrained: bool = False,
+    def __init__(self, backbone: str = "test_efficientnet", cell_size: int | None = None, pretrained: bool = False,
                  rule: str = "product", epochs: int = 15, batch_size: int = 64, lr: float = 1e-3,
                  cuts_per_cell: int = 4, xgb_params: dict | None = None, seed: int = 0):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if epochs < 1 or batch_size < 1 or cuts_per_cell < 1 or not lr > 0:
             raise ValueError("epochs, batch_size and cuts_per_cell must be >= 1 and lr > 0")
-        self.backbone, self.image_size, self.pretrained, self.rule = backbone, image_size, pretrained, rule
+        self.backbone, self.cell_size, self.pretrained, self.rule = backbone, cell_size, pretrained, rule
         self.epochs, self.batch_size, self.lr, self.cuts_per_cell = epochs, batch_size, lr, cuts_per_cell
         self.xgb_params, self.seed = dict(xgb_params or {}), seed
 
     def get_params(self) -> dict:
         """Constructor arguments, as scikit-learn estimators report them (saved with the model)."""
-        return {"backbone": self.backbone, "image_size": self.image_size, "pretrained": self.pretrained,
+        return {"backbone": self.backbone, "cell_size": self.cell_size, "pretrained": self.pretrained,
                 "rule": self.rule, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                 "cuts_per_cell": self.cuts_per_cell, "xgb_params": self.xgb_params, "seed": self.seed}
 
@@ -133,9 +134,9 @@ class IntegrityModel:
         whole = whole_cells(cells) & (good != 0)
         if not whole.any():
             raise ValueError("no whole cell (off the border, fully captured) to train the capture network on")
-        self.image_size_ = int(self.image_size or store.size)
+        self.cell_size_ = int(self.cell_size or store.cell_size)
         torch.manual_seed(self.seed)  # the network's initial weights
-        self.capture_net_ = CaptureNet(self.backbone, self.image_size_, pretrained=self.pretrained)
+        self.capture_net_ = CaptureNet(self.backbone, self.cell_size_, pretrained=self.pretrained)
         self.history_ = train_capture(self.capture_net_, store.crops(rows[whole]), epochs=self.epochs,
                                       batch_size=self.batch_size, lr=self.lr, cuts_per_cell=self.cuts_per_cell,
                                       seed=self.seed)
@@ -170,7 +171,7 @@ class IntegrityModel:
 
     def save(self, uri: str) -> None:
         """Write ``config.json``, ``morphology.json`` (XGBoost's JSON) and ``capture.pt`` (a state_dict)."""
-        config = {"format": FORMAT_VERSION, "params": self.get_params(), "image_size": self.image_size_,
+        config = {"format": FORMAT_VERSION, "params": self.get_params(), "cell_size": self.cell_size_,
                   "features": list(VID_FEATURES), "capture_classes": list(CAPTURE_CLASSES)}
         with tempfile.TemporaryDirectory() as tmp:
             # XGBClassifier.save_model keeps the scikit-learn wrapper's metadata; it writes files only.
@@ -189,13 +190,15 @@ def load_integrity(uri: str) -> IntegrityModel:
         raise ValueError(f"{uri}: integrity model format {config.get('format')!r}, expected {FORMAT_VERSION}")
     if config["features"] != list(VID_FEATURES):
         raise ValueError(f"{uri}: trained on features {config['features']}, this version uses {list(VID_FEATURES)}")
-    model = IntegrityModel(**config["params"])
-    model.image_size_ = int(config["image_size"])
+    # Models saved before the crop side was called cell_size everywhere say image_size.
+    params = {("cell_size" if k == "image_size" else k): v for k, v in config["params"].items()}
+    model = IntegrityModel(**params)
+    model.cell_size_ = int(config.get("cell_size", config.get("image_size")))
     model.classifier_ = XGBClassifier()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "morphology.json").write_bytes(read_bytes(join(uri, "morphology.json")))
         model.classifier_.load_model(Path(tmp) / "morphology.json")
-    model.capture_net_ = CaptureNet(model.backbone, model.image_size_)  # weights come from the file
+    model.capture_net_ = CaptureNet(model.backbone, model.cell_size_)  # weights come from the file
     state = torch.load(io.BytesIO(read_bytes(join(uri, "capture.pt"))), map_location="cpu", weights_only=True)
     model.capture_net_.load_state_dict(state)
     model.capture_net_.eval()

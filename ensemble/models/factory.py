@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ensemble.labels import NUM_CLASSES
 from ensemble.models.backbones import create_backbone
 from ensemble.models.heads import CLA, CLH, DSA
+
+if TYPE_CHECKING:
+    from ensemble.zoo import ModelSpec
 
 # Head classes by the name model specs use (``head: dsa|cla|clh``).
 HEADS: dict[str, type[nn.Module]] = {"dsa": DSA, "cla": CLA, "clh": CLH}
@@ -72,3 +78,18 @@ def create_model(
         **(backbone_kwargs or {}),
     )
     return HEADS[head](trunk, num_classes=num_classes, **head_kwargs)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The network of a zoo's model spec (training builds it; serving rebuilds it to load weights)."""
+    return create_model(spec.head, spec.backbone, pretrained=spec.pretrained, checkpoint_path=spec.checkpoint_path,
+                        img_size=spec.cell_size, **spec.head_kwargs)
+
+
+def fit_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops (..., C, S, S) resized to a model's cell size when it differs from the store's (e.g. in a sweep)."""
+    if x.shape[-1] == size:
+        return x
+    lead = x.shape[:-3]
+    x = F.interpolate(x.flatten(0, len(lead) - 1), size=(size, size), mode="bilinear", antialias=True)
+    return x.unflatten(0, lead)

@@ -14,7 +14,7 @@ from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_sele
 from ensemble.selectors.blocks import Blocks, Cut, choose_members, find_blocks
 from ensemble.selectors.correlation import PredictionMoments, correlation_matrix, prediction_moments
 from ensemble.selectors.fusion import PAPER_RHO_TH, FusionRule, decide_fusion, stream_correlation
-from ensemble.selectors.oof import OOFSet, Targets, align_labels, load_oof_dir, load_oof_mlflow
+from ensemble.oof import OOFSet, Targets, align_labels, load_oof_dir, load_oof_mlflow
 from ensemble.selectors.plots import plot_correlation
 from ensemble.selectors.scoring import average_precision, mean_average_precision
 from ensemble.selectors.select import apply_spec, select_ensemble

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.labels import CLASS_NAMES
-from ensemble.selectors.oof import OOFSet
+from ensemble.oof import OOFSet
 
 CORRELATIONS = ("within_class", "flat")
 

@@ -32,7 +32,7 @@ from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_sele
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
 from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
-from ensemble.selectors.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
+from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import average_precision, map_many, mean_average_precision
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
 

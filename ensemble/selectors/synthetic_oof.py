@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.labels import NEGATIVE, NUM_CLASSES
-from ensemble.selectors.oof import LABEL_COLUMNS, OOFSet
+from ensemble.oof import LABEL_COLUMNS, OOFSet
 
 DEFAULT_FAMILIES: dict[str, tuple[str, int]] = {
     "effnet": ("dsa", 3),

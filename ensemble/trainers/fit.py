@@ -8,8 +8,6 @@ is stable, ``{zoo}-{model}-fold{k}``, so the new trainer finds the old run's che
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from ensemble.models.backbones import family_of
 from ensemble.plots import training_curves
 from ensemble.storage import join, read_bytes
 from ensemble.trainers.loop import JobConfig, train_loop_per_worker
-from ensemble.trainers.spec import ModelSpec, spec_params
+from ensemble.zoo import ModelSpec, spec_params
 
 
 @dataclass(frozen=True)
@@ -63,21 +61,16 @@ def oof_uri(workdir: str, model: str, fold: int) -> str:
     return join(workdir, "oof", model, f"fold{fold}.parquet")
 
 
-def spec_hash(spec: ModelSpec) -> str:
-    """Short hash of everything that shapes a trained model: a changed spec is a new job, not a done one."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def job_tags(ctx: RunContext, spec: ModelSpec, fold: int) -> dict[str, str]:
     """The tags that identify a job's MLflow run (found again by a re-run)."""
     return {tracking.TAG_KIND: "job", tracking.TAG_ZOO: ctx.zoo, tracking.TAG_MODEL: spec.name,
             tracking.TAG_FOLD: str(fold), tracking.TAG_FINGERPRINT: ctx.fingerprint,
-            tracking.TAG_SPEC: spec_hash(spec)}
+            tracking.TAG_SPEC: spec.fingerprint()}
 
 
 def scaling_for(spec: ModelSpec) -> ScalingConfig:
     """Workers of a job: GPUs when the cluster has them (unless the spec says otherwise)."""
-    settings = spec.train
+    settings = spec.placement
     use_gpu = settings.use_gpu
     if use_gpu is None:
         use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,24 +18,23 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import ray.train
 import ray.train.torch
 
-from ensemble.data.cells import CellStore
-from ensemble.data.datasets import BagDataset, CellDataset
 from ensemble.data.augment import build_augment
-from ensemble.labels import NUM_CLASSES
+from ensemble.data.datasets import BagDataset, CellDataset
+from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.metrics import cell_map
-from ensemble.models import create_model, init_class_prior
+from ensemble.models import build_model, fit_size, init_class_prior
+from ensemble.models.inference import predict_cells
 from ensemble.models.losses import DSALoss, FocalLoss, WeightedBCELoss, class_weights
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
 from ensemble.storage import write_parquet
-from ensemble.trainers.spec import ModelSpec, TrainSettings
+from ensemble.zoo import ModelSpec
 
-CELL_COLUMNS = [f"cell_{k}" for k in range(NUM_CLASSES)]
-IMAGE_COLUMNS = [f"image_{k}" for k in range(NUM_CLASSES)]
+PREDICT_CHUNK_CELLS = 1024  # cells of whole images read from the store per prediction step
 
 
 @dataclass(frozen=True)
@@ -52,14 +50,7 @@ class JobConfig:
 
     @property
     def model_spec(self) -> ModelSpec:
-        spec = dict(self.spec)
-        spec["train"] = TrainSettings(**spec["train"])
-        return ModelSpec(**spec)
-
-
-def build_model(spec: ModelSpec) -> torch.nn.Module:
-    return create_model(spec.head, spec.backbone, pretrained=spec.pretrained, checkpoint_path=spec.checkpoint_path,
-                        img_size=spec.image_size, **spec.head_kwargs)
+        return ModelSpec.from_dict(self.spec)
 
 
 def _criterion(spec: ModelSpec, positive_rates: np.ndarray) -> torch.nn.Module:
@@ -75,57 +66,35 @@ def _criterion(spec: ModelSpec, positive_rates: np.ndarray) -> torch.nn.Module:
     return base
 
 
-def evaluation_labels(store: CellStore) -> tuple[np.ndarray, str]:
-    """Labels to score cells against, in store row order, and their source.
-
-    Cell truth where the store knows it (a segmented cell that matches no true cell has no class:
-    its predictions are false positives); otherwise the image labels, with a warning.
-    """
-    if "truth" in store.label_versions():
-        return np.nan_to_num(store.labels("truth"), nan=0.0), "truth"
-    warnings.warn("the cell store has no cell truth: cells are scored against their image labels, which "
-                  "over-label cells; read these mAPs as a rough guide", stacklevel=2)
-    return store.labels("weak"), "image"
-
-
-def fit_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Crops resized to the model's cell size when it differs from the store's (e.g. in a sweep)."""
-    if x.shape[-1] == size:
-        return x
-    lead = x.shape[:-3]
-    x = F.interpolate(x.flatten(0, len(lead) - 1), size=(size, size), mode="bilinear", antialias=True)
-    return x.unflatten(0, lead)
-
-
 @torch.no_grad()
 def predict_fold(model: torch.nn.Module, store: CellStore, fold: int, spec: ModelSpec, device: torch.device,
                  batch_size: int = 128) -> pd.DataFrame:
-    """Probabilities of every cell of ``fold`` (cell stream, and image stream for DSA), one row per cell."""
+    """Probabilities of every cell of ``fold`` (cell stream, and image stream for DSA), one row per cell.
+
+    The same path as serving (:func:`~ensemble.models.inference.predict_cells`), fed whole
+    images of the fold at a time.
+    """
     model.eval()
     rows = np.flatnonzero(store.cells["fold"].to_numpy() == fold)
-    position = np.full(len(store), -1)
-    position[rows] = np.arange(len(rows))
-    table = store.cells.iloc[rows][["image_id", "cell_id", "fold"]].reset_index(drop=True)
-    cell_prob = np.zeros((len(rows), NUM_CLASSES), dtype=np.float32)
-    in_memory = spec.train.in_memory
-    if spec.head == "dsa":
-        image_prob = np.zeros_like(cell_prob)
-        bags = BagDataset(store, folds=[fold], bag_size=spec.cells_per_image, train=False, in_memory=in_memory)
-        for batch in DataLoader(bags, batch_size=max(1, batch_size // spec.cells_per_image)):
-            valid = batch["valid"].numpy()
-            out = model(fit_size(batch["cells"], spec.image_size).to(device), batch["valid"].to(device))
-            at = position[batch["rows"].numpy()[valid]]
-            cell_prob[at] = torch.sigmoid(out.cell_logits).float().cpu().numpy()[valid]
-            per_bag = torch.sigmoid(out.image_logits).float().cpu().numpy()
-            image_prob[at] = np.repeat(per_bag[:, None, :], valid.shape[1], axis=1)[valid]
-        # An image split over several bags takes the max over its bags, as the image stream
-        # max-pools over cells.
-        table[IMAGE_COLUMNS] = pd.DataFrame(image_prob).groupby(table["image_id"].to_numpy()).transform("max").to_numpy()
-    else:
-        for batch in DataLoader(CellDataset(store, folds=[fold], in_memory=in_memory), batch_size=batch_size):
-            logits = model(fit_size(batch["image"], spec.image_size).to(device))
-            cell_prob[position[batch["index"].numpy()]] = torch.sigmoid(logits).float().cpu().numpy()
-    table[CELL_COLUMNS] = cell_prob
+    table = store.cells.iloc[rows][[*KEYS, "fold"]].reset_index(drop=True)
+    ids = table["image_id"].to_numpy()
+    ends = np.flatnonzero(np.r_[ids[1:] != ids[:-1], True]) + 1 if len(ids) else np.zeros(0, int)
+    cell = np.zeros((len(rows), len(CELL_COLUMNS)), np.float32)
+    image = np.zeros_like(cell) if spec.head == "dsa" else None
+    first = 0  # the chunk's first image
+    while first < len(ends):
+        start = ends[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, start + PREDICT_CHUNK_CELLS, side="right")))
+        stop = ends[last - 1]
+        counts = np.diff(np.r_[start, ends[first:last]])
+        cell[start:stop], chunk_image = predict_cells(spec, [model], store.crops(rows[start:stop]), counts, device,
+                                                      batch_size)
+        if image is not None:
+            image[start:stop] = chunk_image
+        first = last
+    table[CELL_COLUMNS] = cell
+    if image is not None:
+        table[IMAGE_COLUMNS] = image
     return table
 
 
@@ -144,12 +113,12 @@ def _train_loader(store: CellStore, folds: list[int], spec: ModelSpec, epoch: in
     transform = build_augment(settings.augment) if settings.augment > 0 else None
     if spec.head == "dsa":
         dataset = BagDataset(store, folds=folds, bag_size=spec.cells_per_image, train=True, labels=settings.labels,
-                             transform=transform, seed=settings.seed, in_memory=settings.in_memory)
+                             transform=transform, seed=settings.seed, in_memory=spec.placement.in_memory)
         dataset.set_epoch(epoch)
         batch = max(1, settings.batch_size // spec.cells_per_image)
     else:
         dataset = CellDataset(store, folds=folds, labels=settings.labels, transform=transform,
-                              in_memory=settings.in_memory)
+                              in_memory=spec.placement.in_memory)
         batch = settings.batch_size
     generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch, generator=generator)
@@ -159,9 +128,9 @@ def _train_loader(store: CellStore, folds: list[int], spec: ModelSpec, epoch: in
 def _loss(criterion, model, batch, spec: ModelSpec, device) -> torch.Tensor:
     if spec.head == "dsa":
         valid = batch["valid"].to(device)
-        out = model(fit_size(batch["cells"], spec.image_size).to(device), valid)
+        out = model(fit_size(batch["cells"], spec.cell_size).to(device), valid)
         return criterion(out, batch["image_target"].to(device), batch["cell_targets"].to(device), valid)
-    return criterion(model(fit_size(batch["image"], spec.image_size).to(device)), batch["target"].to(device))
+    return criterion(model(fit_size(batch["image"], spec.cell_size).to(device)), batch["target"].to(device))
 
 
 def _agree(stop: bool) -> bool:
@@ -189,8 +158,8 @@ def train_loop_per_worker(config: dict) -> dict:
     job = JobConfig(**config)
     spec = job.model_spec
     settings = spec.train
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    if spec.placement.torch_threads:
+        torch.set_num_threads(spec.placement.torch_threads)
     torch.manual_seed(settings.seed)
     context = ray.train.get_context()
     rank = context.get_world_rank()

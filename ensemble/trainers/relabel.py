@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ensemble.data.cells import CellStore
+from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import cell_map
+from ensemble.oof import CELL_COLUMNS, KEYS
 from ensemble.storage import join, read_parquet
-from ensemble.trainers.loop import CELL_COLUMNS, evaluation_labels
-from ensemble.trainers.spec import Zoo
+from ensemble.zoo import Zoo
 
 # The paper's Fig. 3c: about 60 % of the combined confidences of image labels are below 0.1,
 # because models trained on weak labels spread an image's classes over all its cells. Training on
@@ -136,7 +136,7 @@ def combined_confidence(store: CellStore | str, oof_tables: OofTables) -> np.nda
     store = _open(store)
     if not oof_tables:
         raise ValueError("oof_tables is empty: give the OOF tables of at least one model")
-    keys = pd.MultiIndex.from_frame(store.cells[["image_id", "cell_id"]])
+    keys = pd.MultiIndex.from_frame(store.cells[KEYS])
     total = np.zeros((len(store), NUM_CLASSES), dtype=np.float64)
     for name, table in oof_tables.items():
         total += _aligned_probabilities(name, table, keys)
@@ -239,10 +239,10 @@ def cra_rounds(store: CellStore | str, train_dsas: Callable[[str], Mapping[str, 
 
 
 def oof_maps(store: CellStore | str, oof_tables: OofTables) -> dict[str, float]:
-    """OOF cell mAP of each model, against :func:`~ensemble.trainers.loop.evaluation_labels`."""
+    """OOF cell mAP of each model, against :func:`~ensemble.data.store.evaluation_labels`."""
     store = _open(store)
     labels, _ = evaluation_labels(store)
-    keys = pd.MultiIndex.from_frame(store.cells[["image_id", "cell_id"]])
+    keys = pd.MultiIndex.from_frame(store.cells[KEYS])
     return {name: cell_map(labels, _aligned_probabilities(name, table, keys)).map
             for name, table in oof_tables.items()}
 
@@ -293,10 +293,10 @@ def _aligned_probabilities(name: str, table: pd.DataFrame | str, keys: pd.MultiI
     """A model's OOF cell probabilities in store row order; errors name the model."""
     if not isinstance(table, pd.DataFrame):
         table = read_parquet(table)
-    missing = [c for c in ("image_id", "cell_id", *CELL_COLUMNS) if c not in table.columns]
+    missing = [c for c in (*KEYS, *CELL_COLUMNS) if c not in table.columns]
     if missing:
         raise ValueError(f"OOF table of {name!r} lacks column(s) {missing}")
-    found = pd.MultiIndex.from_frame(table[["image_id", "cell_id"]])
+    found = pd.MultiIndex.from_frame(table[KEYS])
     if found.has_duplicates:
         raise ValueError(f"OOF table of {name!r} lists {int(found.duplicated().sum())} cell(s) more than once")
     at = found.get_indexer(keys)

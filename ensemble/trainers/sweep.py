@@ -2,7 +2,7 @@
 
 Tune + Train under Ray Train V2: the trainable is a driver function that builds a
 ``TorchTrainer`` whose ``TuneReportCallback`` forwards each epoch's report to Tune (STACK.md).
-Search spaces are YAML (``search_spaces/{head}.yaml``); the best config is written beside the
+Search spaces are YAML (:mod:`ensemble.search_space`); the best config is written beside the
 zoo's runs and recorded in MLflow, and ``train_all --sweep`` trains with it.
 """
 
@@ -24,55 +24,24 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import tracking
 from ensemble.storage import join, read_bytes, write_bytes
+from ensemble.search_space import DOMAIN_ARGUMENTS, MODEL_KEYS, TRAIN_KEYS, read_search_space
 from ensemble.trainers.fit import RunContext, trainer_for
-from ensemble.trainers.spec import ModelSpec, SpecError, TrainSettings
+from ensemble.zoo import ModelSpec
 
-SEARCH_SPACE_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 DOMAINS = {
-    "loguniform": (("low", "high"), tune.loguniform),
-    "uniform": (("low", "high"), tune.uniform),
-    "quniform": (("low", "high", "q"), tune.quniform),
-    "randint": (("low", "high"), tune.randint),
-    "choice": (("values",), tune.choice),
+    "loguniform": tune.loguniform,
+    "uniform": tune.uniform,
+    "quniform": tune.quniform,
+    "randint": tune.randint,
+    "choice": tune.choice,
 }
-MODEL_KEYS = ("image_size", "cells_per_image")
 TRIAL_DRIVER_CPU = 0.01
-TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSettings))
 
 
 def load_search_space(path: str | Path) -> dict[str, Any]:
-    """Read a search-space YAML into Ray Tune domains; errors name the file and the key."""
-    path = Path(path)
-    if not path.suffix:
-        path = SEARCH_SPACE_DIR / f"{path}.yaml"
-    if not path.exists():
-        raise SpecError(f"search space {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict) or not data:
-        raise SpecError(f"{path}: a search space is a non-empty mapping of key -> domain")
-    space = {}
-    for key, domain in data.items():
-        where = f"{path}: {key}"
-        if key not in TRAIN_KEYS and key not in MODEL_KEYS and not str(key).startswith("head."):
-            raise SpecError(f"{where}: unknown key; use a train setting {sorted(TRAIN_KEYS)}, "
-                            f"a model setting {list(MODEL_KEYS)} or head.<argument>")
-        if not isinstance(domain, dict) or domain.get("type") not in DOMAINS:
-            raise SpecError(f"{where}: needs 'type' among {sorted(DOMAINS)}, got {domain!r}")
-        names, make = DOMAINS[domain["type"]]
-        missing = [n for n in names if n not in domain]
-        extra = sorted(set(domain) - {"type", *names})
-        if missing or extra:
-            raise SpecError(f"{where}: type {domain['type']} takes {list(names)}; "
-                            f"missing {missing}, unknown {extra}")
-        if domain["type"] == "choice" and (not isinstance(domain["values"], list) or not domain["values"]):
-            raise SpecError(f"{where}: 'values' must be a non-empty list")
-        if domain["type"] != "choice" and not domain["low"] < domain["high"]:
-            raise SpecError(f"{where}: low must be below high")
-        space[key] = make(*(domain[n] for n in names))
-    return space
+    """A search space (:func:`ensemble.search_space.read_search_space`) as Ray Tune domains."""
+    return {key: DOMAINS[domain["type"]](*(domain[name] for name in DOMAIN_ARGUMENTS[domain["type"]]))
+            for key, domain in read_search_space(path).items()}
 
 
 def apply_config(spec: ModelSpec, config: dict[str, Any]) -> ModelSpec:

@@ -15,16 +15,13 @@ import ray
 from tqdm.auto import tqdm
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore
-from ensemble.labels import NUM_CLASSES
+from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.metrics import cell_map
 from ensemble.models.backbones import family_of
+from ensemble.oof import CELL_COLUMNS, KEYS
 from ensemble.storage import join, read_parquet, write_bytes, write_parquet
-from ensemble.trainers.loop import evaluation_labels
 from ensemble.trainers.fit import JobResult, RunContext, fit_job, oof_uri
-from ensemble.trainers.spec import Zoo
-
-CELL_COLUMNS = [f"cell_{k}" for k in range(NUM_CLASSES)]
+from ensemble.zoo import Zoo
 
 
 @dataclass
@@ -100,7 +97,7 @@ def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
 def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
     """Concatenate each model's per-fold OOF tables into ``oof/{model}.parquet``, tags in ``oof/models.json``.
 
-    The directory is then what :func:`ensemble.selectors.load_oof_dir` reads.
+    The directory is then what :func:`ensemble.oof.load_oof_dir` reads.
     """
     tags = {spec.name: {"head": spec.head, "backbone": spec.backbone, "family": family_of(spec.backbone)}
             for spec in zoo.models}
@@ -108,7 +105,7 @@ def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
     paths = {}
     for spec in zoo.models:
         table = pd.concat([read_parquet(oof_uri(workdir, spec.name, f)) for f in folds], ignore_index=True)
-        table = table.sort_values(["image_id", "cell_id"], kind="stable").reset_index(drop=True)
+        table = table.sort_values(KEYS, kind="stable").reset_index(drop=True)
         paths[spec.name] = join(workdir, "oof", f"{spec.name}.parquet")
         write_parquet(table, paths[spec.name])
     return paths
@@ -117,7 +114,7 @@ def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
 def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobResult]) -> pd.DataFrame:
     """One row per model: head, backbone, OOF cell mAP over all folds (against cell truth when known)."""
     labels, source = evaluation_labels(store)
-    row_of = pd.Series(np.arange(len(store)), index=pd.MultiIndex.from_frame(store.cells[["image_id", "cell_id"]]))
+    row_of = pd.Series(np.arange(len(store)), index=pd.MultiIndex.from_frame(store.cells[KEYS]))
     rows = []
     for spec in zoo.models:
         table = read_parquet(oof[spec.name])

@@ -1,7 +1,9 @@
 """The whole chain behind ``train_all.py``: prepare cells -> (sweep) -> (CRA rounds) -> train the zoo
 -> select -> (VID) -> register.
 
-Each step skips what an earlier call finished, so re-running after an interruption resumes.
+The only module that knows the whole chain: it calls down into the data build, the trainers,
+the selectors and the registry, which know nothing of each other. Each step skips what an
+earlier call finished, so re-running after an interruption resumes.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ import numpy as np
 import pandas as pd
 
 from ensemble import tracking
-from ensemble.data.cells import CellStore, PrepareReport, prepare
+from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.data.store_build import PrepareReport, prepare
 from ensemble.integrity import IntegrityCV, IntegrityModel, cross_validate_integrity
-from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import cell_map
-from ensemble.registry import Preprocessing, member_checkpoints, needed_models, register_ensemble
-from ensemble.selectors import (EnsembleSpec, OOFSet, apply_spec, load_oof_dir, log_to_mlflow, plot_correlation,
-                                select_ensemble)
+from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
+from ensemble.registry import member_checkpoints, needed_models, register_ensemble
+from ensemble.selectors import EnsembleSpec, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
+from ensemble.serving import Preprocessing
 from ensemble.storage import exists, join, read_bytes, read_parquet, write_bytes, write_parquet
 from ensemble.trainers.fit import RunContext
-from ensemble.trainers.loop import CELL_COLUMNS, evaluation_labels
 from ensemble.trainers.relabel import RoundResult, cra_rounds, zoo_trainer
-from ensemble.trainers.spec import Zoo, load_zoo
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
 from ensemble.trainers.zoo import TrainAllResult, train_zoo
+from ensemble.zoo import Zoo, load_zoo
 
 
 @dataclass
@@ -123,8 +125,8 @@ def context_for(zoo: Zoo, workdir: str, experiment: str | None, tracking_uri: st
 def store_labels(store: CellStore) -> pd.DataFrame:
     """The selector's labels: one row per store cell, cell truth where known (``cell_truth``)."""
     labels, source = evaluation_labels(store)
-    frame = store.cells[["image_id", "cell_id", "fold"]].copy()
-    frame[[f"label_{k}" for k in range(NUM_CLASSES)]] = labels
+    frame = store.cells[[*KEYS, "fold"]].copy()
+    frame[LABEL_COLUMNS] = labels
     frame["cell_truth"] = np.full(len(frame), source == "truth")
     return frame
 
@@ -194,12 +196,11 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
     if not exists(join(model_uri, "config.json")):
         IntegrityModel(**params).fit(store, labels_csv=settings.labels_csv).save(model_uri)
     fused = apply_spec(spec, oof)
-    weights = cv.cells.set_index(["image_id", "cell_id"])[f"w_{settings.rule}"]
+    weights = cv.cells.set_index(KEYS)[f"w_{settings.rule}"]
     # Cells without a good/bad label were not held out: they keep weight 1.
-    w = weights.reindex(pd.MultiIndex.from_frame(fused[["image_id", "cell_id"]])).fillna(1.0).to_numpy()
-    labels = store_labels(store).set_index(["image_id", "cell_id"]).reindex(
-        pd.MultiIndex.from_frame(fused[["image_id", "cell_id"]]))
-    y = labels[[f"label_{k}" for k in range(NUM_CLASSES)]].to_numpy()
+    w = weights.reindex(pd.MultiIndex.from_frame(fused[KEYS])).fillna(1.0).to_numpy()
+    labels = store_labels(store).set_index(KEYS).reindex(pd.MultiIndex.from_frame(fused[KEYS]))
+    y = labels[LABEL_COLUMNS].to_numpy()
     known = np.isfinite(y).all(axis=1)
     scores = fused[CELL_COLUMNS].to_numpy()
     without = cell_map(y[known], scores[known]).map
@@ -211,8 +212,6 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
 def sweep_model(zoo: str | Zoo, model: str, workdir: str, *, space: str | None = None, num_samples: int = 8,
                 fold: int = 0, experiment: str | None = None, tracking_uri: str | None = None) -> SweepResult:
     """Sweep one model of a zoo on one fold of an existing store (``ensemble sweep``)."""
-    from ensemble.data.cells import CellStore
-
     zoo = load_zoo(zoo) if not isinstance(zoo, Zoo) else zoo
     spec = zoo.model(model)
     ctx = context_for(zoo, workdir, experiment, tracking_uri, CellStore(store_uri(workdir)).meta["source"]["fingerprint"])
@@ -226,7 +225,7 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
     """Prepare the store of ``data``, optionally sweep, train every model of ``zoo`` on every fold,
     select the ensemble on the OOF predictions and register it (``models:/hpa-ensemble@champion``)."""
     zoo = load_zoo(zoo, overrides) if not isinstance(zoo, Zoo) else zoo
-    report = prepare(data, store_uri(workdir), size=zoo.cell_size, n_folds=zoo.n_folds, progress=progress)
+    report = prepare(data, store_uri(workdir), cell_size=zoo.cell_size, n_folds=zoo.n_folds, progress=progress)
     if zoo.integrity.enabled and zoo.integrity.labels_csv is None and \
             "truth" not in CellStore(store_uri(workdir)).label_versions():
         # Said now, not after hours of training: the VID learns from good/bad cells.

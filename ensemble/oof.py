@@ -1,4 +1,7 @@
-"""Out-of-fold (OOF) prediction tables: loading, validation and alignment.
+"""The OOF and label table contract: column names, loading, validation and alignment.
+
+Every part that writes or reads per-cell predictions or labels (training jobs, selection,
+serving, evaluation) takes its column names from here, so they cannot drift apart.
 
 Contract (DESIGN.md, "OOF predictions"): per model one table with columns ``image_id, cell_id,
 fold, cell_0..cell_18`` (probabilities) and, for heads with an image stream (DSA),
@@ -31,14 +34,24 @@ from mlflow.artifacts import download_artifacts
 from ensemble.labels import NUM_CLASSES
 from ensemble.tracking import TAG_BACKBONE, TAG_FAMILY, TAG_FOLD, TAG_HEAD, TAG_MODEL
 
-KEYS = ("image_id", "cell_id")
-CELL_COLUMNS = tuple(f"cell_{k}" for k in range(NUM_CLASSES))
-IMAGE_COLUMNS = tuple(f"image_{k}" for k in range(NUM_CLASSES))
-LABEL_COLUMNS = tuple(f"label_{k}" for k in range(NUM_CLASSES))
+KEYS = ["image_id", "cell_id"]
+CELL_COLUMNS = [f"cell_{k}" for k in range(NUM_CLASSES)]
+"""Cell-stream probabilities of a model (or of the fused ensemble)."""
+IMAGE_COLUMNS = [f"image_{k}" for k in range(NUM_CLASSES)]
+"""Image-stream probabilities (DSA heads), the same for every cell of an image."""
+LABEL_COLUMNS = [f"label_{k}" for k in range(NUM_CLASSES)]
+"""Cell labels (0/1 or soft) in a label table."""
 TAG_KEYS = (TAG_HEAD, TAG_BACKBONE, TAG_FAMILY)
 
 OOF_ARTIFACT = "oof/oof.parquet"
 """Where a (model, fold) training run logs its part of the model's OOF table."""
+
+
+
+def member_columns(name: str) -> list[str]:
+    """Columns of one member network's own cell probabilities in a prediction table."""
+    return [f"{name}.{column}" for column in CELL_COLUMNS]
+
 
 FrameSource = pd.DataFrame | Callable[[], pd.DataFrame]
 
@@ -189,17 +202,17 @@ def align_labels(labels: pd.DataFrame | np.ndarray, oof: OOFSet) -> Targets:
     missing = [c for c in (*KEYS, *LABEL_COLUMNS) if c not in labels]
     if missing:
         raise ValueError(f"labels lack columns {missing}")
-    keys = pd.MultiIndex.from_frame(labels[list(KEYS)])
+    keys = pd.MultiIndex.from_frame(labels[KEYS])
     if not keys.is_unique:
         dup = keys[keys.duplicated()]
         raise ValueError(f"labels repeat {len(dup)} cells (e.g. {_cell_name(dup[0])})")
     if _same_keys(labels, oof.index):
         positions = np.arange(oof.n_cells)
     else:
-        positions = keys.get_indexer(pd.MultiIndex.from_frame(oof.index[list(KEYS)]))
+        positions = keys.get_indexer(pd.MultiIndex.from_frame(oof.index[KEYS]))
         absent = np.flatnonzero(positions < 0)
         if absent.size:
-            example = tuple(oof.index.iloc[absent[0]][list(KEYS)])
+            example = tuple(oof.index.iloc[absent[0]][KEYS])
             raise ValueError(
                 f"labels are not aligned with the OOF: they lack {absent.size} of the {oof.n_cells} "
                 f"OOF cells (e.g. {_cell_name(example)})"
@@ -208,7 +221,7 @@ def align_labels(labels: pd.DataFrame | np.ndarray, oof: OOFSet) -> Targets:
         differ = labels["fold"].to_numpy()[positions] != oof.index["fold"].to_numpy()
         if differ.any():
             raise ValueError(f"labels give a different fold than the OOF for {int(differ.sum())} cells")
-    truth = _binary(labels[list(LABEL_COLUMNS)].to_numpy()[positions], "labels").T.copy()
+    truth = _binary(labels[LABEL_COLUMNS].to_numpy()[positions], "labels").T.copy()
     if "cell_truth" in labels:
         cell_level = labels["cell_truth"].to_numpy(dtype=bool)[positions]
     else:
@@ -309,15 +322,15 @@ class _Aligner:
 
     def __init__(self, name: str, frame: pd.DataFrame, require_fold: bool):
         self.first = name
-        self.keys = frame[list(KEYS)].reset_index(drop=True)
+        self.keys = frame[KEYS].reset_index(drop=True)
         self.folds = set(frame["fold"].unique().tolist()) if require_fold else None
-        sort_by = ["fold", *KEYS] if require_fold else list(KEYS)
+        sort_by = ["fold", *KEYS] if require_fold else KEYS
         order = frame[sort_by].reset_index(drop=True).sort_values(sort_by).index.to_numpy()
-        kept = [*KEYS, "fold"] if require_fold else list(KEYS)
+        kept = [*KEYS, "fold"] if require_fold else KEYS
         self.index = frame[kept].iloc[order].reset_index(drop=True)
         self.first_positions = np.empty(len(frame), dtype=np.intp)
         self.first_positions[order] = np.arange(len(frame))
-        self.multi_index = pd.MultiIndex.from_frame(self.index[list(KEYS)])
+        self.multi_index = pd.MultiIndex.from_frame(self.index[KEYS])
         _check_unique(name, self.multi_index)
 
     def positions(self, name: str, frame: pd.DataFrame) -> np.ndarray:
@@ -326,7 +339,7 @@ class _Aligner:
         if _same_keys(frame, self.keys):
             positions = self.first_positions
         else:
-            keys = pd.MultiIndex.from_frame(frame[list(KEYS)])
+            keys = pd.MultiIndex.from_frame(frame[KEYS])
             _check_unique(name, keys)
             positions = self.multi_index.get_indexer(keys)
             self._check_same_cells(name, frame, positions)
@@ -355,9 +368,9 @@ class _Aligner:
         if extra.size or lacking.size:
             examples = []
             if lacking.size:
-                examples.append(f"lacks e.g. {_cell_name(tuple(self.index.iloc[lacking[0]][list(KEYS)]))}")
+                examples.append(f"lacks e.g. {_cell_name(tuple(self.index.iloc[lacking[0]][KEYS]))}")
             if extra.size:
-                examples.append(f"has e.g. {_cell_name(tuple(frame.iloc[extra[0]][list(KEYS)]))}")
+                examples.append(f"has e.g. {_cell_name(tuple(frame.iloc[extra[0]][KEYS]))}")
             raise ValueError(
                 f"OOF tables are misaligned: model {name!r} lacks {lacking.size} of the {len(self.index)} cells "
                 f"of model {self.first!r} and has {extra.size} cells that {self.first!r} lacks "
@@ -379,7 +392,7 @@ def _check_columns(name: str, frame: pd.DataFrame, require_fold: bool) -> bool:
     return bool(image)
 
 
-def _class_major(name: str, frame: pd.DataFrame, columns: tuple[str, ...], positions: np.ndarray) -> np.ndarray:
+def _class_major(name: str, frame: pd.DataFrame, columns: list[str], positions: np.ndarray) -> np.ndarray:
     """Columns -> (n_classes, n_rows) float32 with table row ``i`` at column ``positions[i]``.
 
     Raises if a value is NaN or outside [0, 1], counting them per column.
