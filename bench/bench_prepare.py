@@ -7,8 +7,8 @@ same images and in the same run:
   segment, measure, crop, match truth: the per-image work of a Ray worker, without Ray);
 - the same loop in two bare processes (a ``ProcessPoolExecutor``, already started), each taking
   every other image: what two cores of this machine give at best, with no Ray at all;
-- :func:`ensemble.data.store_build.prepare` into a fresh store with 1 and 2 Ray workers (the actor pool),
-  writing shards and tables.
+- :func:`ensemble.data.store_build.prepare` into a fresh store with a fixed pool of 1 and 2 Ray
+  workers, and with the autoscaling pool (1 to 2 actors, the default kind), writing shards and tables.
 
 Ray is started before the clock. ``prepare``'s time includes starting its actors (a Python process
 each, importing the package); the "steady" ratio leaves that start-up out: it compares the
@@ -69,10 +69,14 @@ def two_processes(root: Path, pool: ProcessPoolExecutor) -> float:
     return time.perf_counter() - start
 
 
-def with_ray(root: Path, store: Path, workers: int) -> tuple[float, float]:
-    """Seconds of ``prepare`` into a fresh store, and the same without the actors' start."""
+def with_ray(root: Path, store: Path, workers: int, smallest: int | None = None) -> tuple[float, float]:
+    """Seconds of ``prepare`` into a fresh store, and the same without the actors' start.
+
+    A fixed pool of ``workers`` actors, or an autoscaling one from ``smallest`` up to ``workers``.
+    """
     shutil.rmtree(store, ignore_errors=True)
-    report = prepare(root, str(store), num_workers=workers, chunk_size=8, progress=False)
+    report = prepare(root, str(store), max_workers=workers, min_workers=smallest or workers, chunk_size=8,
+                     progress=False)
     steady = (report.seconds - report.startup_seconds) / (report.n_images - 1) * report.n_images
     return report.seconds, steady
 
@@ -99,6 +103,7 @@ def main() -> None:
             "two bare processes (no Ray)": lambda: (two_processes(root, pool),) * 2,
             "prepare, 1 Ray worker": lambda: with_ray(root, args.workdir / "store", 1),
             "prepare, 2 Ray workers": lambda: with_ray(root, args.workdir / "store", 2),
+            "prepare, autoscaling pool 1-2": lambda: with_ray(root, args.workdir / "store", 2, smallest=1),
         }
         # Modes take turns within each pass, so a burst of load from other processes on the
         # machine slows all of them alike; the best pass of each is kept.

@@ -93,12 +93,12 @@ def main() -> None:
             "raw": lambda image_id: read_image(root, image_id, dtype=None),
             "pillow": lambda image_id: [read_png(p) for p in channel_paths(root, image_id)],
             "cv2": decode_cv2,
-            "bytes": lambda image_id: [p.read_bytes() for p in channel_paths(root, image_id)],
+            "bytes": lambda image_id: [Path(p).read_bytes() for p in channel_paths(root, image_id)],
         }
         for size, bits, count in CASES:
             ids = write_images(root, size, bits, count)
             rate = images_per_second(readers, ids, args.repeats)
-            megabytes = sum(p.stat().st_size for i in ids for p in channel_paths(root, i)) / len(ids) / 1e6
+            megabytes = sum(Path(p).stat().st_size for i in ids for p in channel_paths(root, i)) / len(ids) / 1e6
             rows.append((size, bits, megabytes, rate))
 
     channels = ", ".join(CHANNELS)

@@ -1,12 +1,17 @@
-"""Training throughput: the Ray Train job loop vs a bare PyTorch loop, and a zoo run concurrently vs serially.
+"""Training throughput: the Ray Train job loop vs a bare PyTorch loop, a zoo run concurrently vs
+serially, and the job's input with and without DataLoader worker processes.
 
-    python bench/bench_train.py                 # both figures, on a simulated dataset
+    python bench/bench_train.py                 # all figures, on a simulated dataset
     python bench/bench_train.py --only loop     # just the loop ratio
+    python bench/bench_train.py --only loader   # 2 loader workers vs 0, and vs in-memory tensors
 
 Loop: the same model (CLA on regnetx_002, 48 px cells), data (the store's training folds, in
 memory), batch size and threads; cells/s of training epochs after the first (warm-up). Zoo: the
 quick zoo for one epoch, all jobs as Ray schedules them vs ``max_concurrent=1``. Both are
-measured in the same run, so the ratios hold on a noisy machine.
+measured in the same run, so the ratios hold on a noisy machine. Loader: the job's own epoch
+code (``train_loader`` + ``train_epoch``, as ``train_loop_per_worker`` runs them, here in this
+process) on the quick zoo's cla_regnet, fed from the store by 0 and by 2 loader workers and from
+batches already in memory, epochs interleaved so that drift hits all three alike.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ensemble.data.datasets import CellDataset
 from ensemble.data.synthetic import simulate
 from ensemble.trainers.fit import RunContext, trainer_for
 from ensemble.models import build_model
-from ensemble.trainers.loop import _criterion
+from ensemble.trainers.loop import _criterion, start_epoch, train_loader
 from ensemble.zoo import ModelSpec, Placement, TrainSettings, load_zoo
 from ensemble.trainers.zoo import train_zoo
 
@@ -73,12 +78,50 @@ def ray_loop(spec: ModelSpec, ctx: RunContext, fold: int) -> list[float]:
     return [h["cells_per_second"] for h in result.return_value["history"]]
 
 
+def loader_figures(store_uri: str, epochs: int) -> None:
+    """Cells/s of the job's training epochs: store-fed by 0 and by 2 loader workers, and on in-memory tensors."""
+    from bench_gpu import job_parts, memory_batches, timed_epoch  # the GPU script's figure, on this CPU
+
+    spec = load_zoo("quick").model("cla_regnet")
+    torch.set_num_threads(spec.placement.torch_threads)
+    device, store = torch.device("cpu"), CellStore(store_uri)
+    folds = sorted(set(store.cells["fold"].unique()) - {0})
+    sources = {}
+    for workers in (0, 2):
+        fed = dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, loader_workers=workers))
+        sources[f"store, {workers} loader workers"] = (fed, train_loader(store, folds, fed, device))
+    steps = len(next(iter(sources.values()))[1])
+    batches = memory_batches(spec, store.cell_size, 4, device)
+    sources["in-memory tensors"] = (spec, [batches[i % len(batches)] for i in range(steps)])
+    parts, rates = {}, {key: [] for key in sources}
+    for key, (job, _) in sources.items():
+        torch.manual_seed(0)
+        parts[key] = job_parts(job, device)
+    for epoch in range(epochs):
+        for key, (job, source) in sources.items():
+            if isinstance(source, DataLoader):
+                start_epoch(source, epoch)
+            model, criterion, optimizer = parts[key]
+            seconds, cells = timed_epoch(model, source, criterion, optimizer, job, device)
+            if epoch:  # the first epoch starts the workers
+                rates[key].append(cells / seconds)
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    alone, memory = median["store, 0 loader workers"], median["in-memory tensors"]
+    print(f"cla_regnet ({spec.backbone}, {spec.cell_size} px, batch {spec.train.batch_size}, augment "
+          f"{spec.train.augment}, in_memory {spec.placement.in_memory}, {spec.placement.torch_threads} torch thread), "
+          f"{steps * spec.train.batch_size} cells per epoch; cells/s per epoch after the first: "
+          + "; ".join(f"{key} {[round(v) for v in values]}" for key, values in rates.items()))
+    print("\n| input | cells/s (median) | x 0 loader workers | x in-memory tensors |\n|---|---:|---:|---:|")
+    for key, value in median.items():
+        print(f"| {key} | {value:.0f} | {value / alone:.2f} | {value / memory:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved bare/Ray pairs of the loop figure")
-    parser.add_argument("--only", choices=["loop", "zoo"], default=None)
+    parser.add_argument("--only", choices=["loop", "zoo", "loader"], default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     simulate(work / "data", n_images=args.images, seed=0, size=384)
@@ -104,6 +147,8 @@ def main() -> None:
         print(f"epochs, cells/s: bare {[round(v) for v in bare]}, Ray Train {[round(v) for v in inside]}")
         print("\n| loop | cells/s (median of epochs after the first) | ratio to bare |\n|---|---:|---:|")
         print(f"| bare PyTorch | {b:.0f} | 1.00 |\n| Ray Train job (1 worker) | {r:.0f} | {r / b:.2f} |")
+    if args.only in (None, "loader"):
+        loader_figures(str(work / "store"), args.epochs)
     if args.only in (None, "zoo"):
         zoo = load_zoo("quick", overrides={"epochs": 1})
         times = {}

@@ -2,38 +2,51 @@
 
     ensemble simulate OUT --images 200 --seed 0
     ensemble prepare DATA --out STORE --cell-size 64 --folds 3
-    ensemble train-all [--zoo quick] [--data DATA] [--workdir runs]
+    ensemble check --zoo quick [--space SPACE] [--sweep]   # validate, list the jobs; starts nothing
+    ensemble train-all [--zoo quick] [--data DATA] [--workdir runs] [--dry-run]
     ensemble sweep --model cla_regnet --samples 8
     ensemble select --store runs/store --oof-dir runs/oof
     ensemble register --experiment NAME --spec ensemble.json [--name hpa-ensemble]
     ensemble predict IMAGES --model models:/hpa-ensemble@champion --out preds.parquet|submission.csv
     ensemble evaluate PREDICTIONS DATA
     ensemble demo                     # the whole pipeline on a simulated dataset
+
+Configuration is checked before Ray starts; a bad input ends in one line naming the file and
+key (exit 2), an MLflow or training failure in one line or a list of failed jobs (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 from pathlib import Path
 
 
 def _ray_init() -> None:
-    """Attach to a running cluster (``ray submit``, ``ray job submit``, ``ray start``) or start a local one.
+    """:func:`ensemble.cluster.connect`: the running cluster, or a local Ray; called after every check."""
+    from ensemble.cluster import connect
 
-    Workers' own logs stay in Ray's log directory unless ENSEMBLE_WORKER_LOGS=1: progress bars and
-    MLflow carry what a user follows, and failures still reach the driver as exceptions.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=os.environ.get("ENSEMBLE_WORKER_LOGS") == "1")
+    connect()
 
 
 def _absolute(uri: str) -> str:
     """Local paths made absolute (Ray workers run elsewhere); URIs as they are."""
     return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def _settings(pairs: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` options (segmenter settings) as a dict; values read as YAML scalars (0.25 is a number,
+    paths and URLs stay strings)."""
+    import yaml
+
+    settings = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--segmenter-setting takes KEY=VALUE, got {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
 
 def cmd_simulate(args) -> int:
@@ -49,35 +62,80 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from ensemble.checks import check_data, check_segmenter
     from ensemble.data.store_build import prepare
 
-    _ray_init()
+    settings = _settings(args.segmenter_setting)
+    check_data(_absolute(args.data))
+    check_segmenter(args.segmenter, settings)
+    # prepare() attaches to Ray itself, only once it has images to segment: a dataset without
+    # images or a store of other settings is said before Ray starts.
     report = prepare(_absolute(args.data), _absolute(args.out), cell_size=args.cell_size, n_folds=args.folds,
-                     seed=args.seed, segmenter=args.segmenter, num_workers=args.workers, split=args.split)
+                     seed=args.seed, segmenter=args.segmenter, segmenter_settings=settings,
+                     max_workers=args.workers, split=args.split, chunk_size=args.chunk_size, force=args.force)
     print(report)
     return 0
 
 
-def cmd_train_all(args) -> int:
-    from ensemble.demo import default_dataset
-    from ensemble.pipeline import train_all
+def _zoo(args):
+    """The zoo of a training command, with its command-line overrides."""
     from ensemble.zoo import load_zoo, zoo_with
 
-    zoo = zoo_with(load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None),
-                   relabel_rounds=args.relabel_rounds, integrity=args.integrity)
+    return zoo_with(load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None),
+                    relabel_rounds=args.relabel_rounds, integrity=args.integrity)
+
+
+def _plan(args, zoo, *, sweep: bool, space: str | None = None, build: bool = True):
+    """:func:`ensemble.checks.check_training` with a training command's options: all before Ray starts."""
+    from ensemble.checks import check_training
+
+    return check_training(zoo, sweep=sweep, space=space, data=_absolute(args.data) if args.data else None,
+                          workdir=_absolute(args.workdir), tracking_uri=args.tracking_uri,
+                          cluster_config=args.cluster_config, segmenter=args.segmenter,
+                          segmenter_settings=_settings(args.segmenter_setting), build=build)
+
+
+def cmd_check(args) -> int:
+    print(_plan(args, _zoo(args), sweep=args.sweep, space=args.space, build=not args.no_build).report())
+    return 0
+
+
+def cmd_train_all(args) -> int:
+    zoo = _zoo(args)
+    plan = _plan(args, zoo, sweep=args.sweep)
+    if args.dry_run:
+        print(plan.report())
+        return 0
+    from ensemble.demo import default_dataset
+    from ensemble.pipeline import JobsFailedError, train_all
+
     _ray_init()
     data = args.data or default_dataset(args.workdir, args.images, args.seed, args.image_px, args.difficulty)
-    result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
-                       tracking_uri=args.tracking_uri, sweep=args.sweep, sweep_samples=args.sweep_samples)
+    try:
+        result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
+                           tracking_uri=args.tracking_uri, sweep=args.sweep, sweep_samples=args.sweep_samples,
+                           max_concurrent=args.max_concurrent, segmenter=args.segmenter,
+                           segmenter_settings=_settings(args.segmenter_setting), cluster_config=args.cluster_config)
+    except JobsFailedError as error:
+        print(f"ensemble train-all: {error}", file=sys.stderr)  # its own lines: one per failed job
+        return 1
     print(result.report())
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from ensemble.pipeline import sweep_model
+    import dataclasses
 
+    from ensemble.checks import check_spaces, check_zoo
+    from ensemble.pipeline import sweep_model
+    from ensemble.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    zoo = dataclasses.replace(zoo, models=(zoo.model(args.model),))
+    check_zoo(zoo)
+    check_spaces(zoo, args.space)
     _ray_init()
-    result = sweep_model(args.zoo, args.model, workdir=_absolute(args.workdir), space=args.space,
+    result = sweep_model(zoo, args.model, workdir=_absolute(args.workdir), space=args.space,
                          num_samples=args.samples, fold=args.fold, experiment=args.experiment,
                          tracking_uri=args.tracking_uri)
     print(result.trials.to_string())
@@ -87,21 +145,38 @@ def cmd_sweep(args) -> int:
 
 def cmd_select(args) -> int:
     from ensemble import tracking
-    from ensemble.oof import load_oof_dir, load_oof_mlflow
-    from ensemble.pipeline import select_step
 
     if bool(args.oof_dir) == bool(args.experiment):
         raise ValueError("give one source of OOF tables: --oof-dir DIR or --experiment NAME")
-    oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, args.tracking_uri)
+    uri = tracking.tracking_uri(args.tracking_uri)
+    if args.experiment:
+        tracking.client(uri, create=False)  # a server that answers, a database that exists: before reading
+    from ensemble.oof import load_oof_dir, load_oof_mlflow
+    from ensemble.pipeline import select_step  # seconds of imports, after the checks
+
+    oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, uri)
     experiment = args.experiment or "select"
     options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
-               "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds}
+               "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds, "strict": args.strict}
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
-                       tracking.ensure_experiment(experiment, args.tracking_uri), args.tracking_uri, **options)
+                       tracking.ensure_experiment(experiment, uri), uri, **options)
     print(spec.report())
     print(f"ensemble spec and correlation plot -> {args.out}")
+    return 0
+
+
+def cmd_check_cluster(args) -> int:
+    from ensemble.cluster import check_cluster_file
+
+    problems = check_cluster_file(args.config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{args.config}: {len(problems)} problem(s); fix them before `ray up`", file=sys.stderr)
+        return 2
+    print(f"{args.config}: Ray accepts it and every placeholder is filled in")
     return 0
 
 
@@ -132,15 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.set_defaults(func=cmd_simulate)
 
+    def segmenter_options(p):
+        p.add_argument("--segmenter", choices=["classical", "hpacellseg"], default="classical")
+        p.add_argument("--segmenter-setting", action="append", metavar="KEY=VALUE",
+                       help="a segmenter setting, repeatable; hpacellseg: nuclei_model=URL cell_model=URL")
+
     p = sub.add_parser("prepare", help="segment images and build the cell-crop store")
     p.add_argument("data")
     p.add_argument("--out", required=True)
-    p.add_argument("--cell-size", type=int, default=64, help="side S of the cell crops, in pixels")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--cell-size", type=_at_least(16), default=64, help="side S of the cell crops, in pixels")
+    p.add_argument("--folds", type=_at_least(2), default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--segmenter", default="classical")
-    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
+    segmenter_options(p)
+    p.add_argument("--workers", type=_at_least(1), default=None,
+                   help="most segmentation actors of the autoscaling pool (default: the cluster's most CPUs)")
     p.add_argument("--split", default="train")
+    p.add_argument("--chunk-size", type=_at_least(1), default=64,
+                   help="images per chunk (and crop shard): the unit a killed build resumes from")
+    p.add_argument("--force", action="store_true",
+                   help="replace a finished store at --out built from other data or settings "
+                        "(an unfinished one is always replaced)")
     p.set_defaults(func=cmd_prepare)
 
     def training_options(p):
@@ -149,26 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--experiment", default=None, help="MLflow experiment (default: the zoo's name)")
         p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
 
+    def plan_options(p):
+        """What decides the jobs of a training run: the options `train-all` and `check` share."""
+        training_options(p)
+        p.add_argument("--data", default=None, help="dataset root (Kaggle layout); default: a simulated one")
+        p.add_argument("--epochs", type=_at_least(1), default=None, help="override every model's epochs")
+        p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
+        p.add_argument("--relabel-rounds", type=_at_least(0), default=None,
+                       help="CRA rounds (default: the zoo's relabel.rounds)")
+        p.add_argument("--integrity", action="store_true", help="fit the VID even if the zoo does not enable it")
+        segmenter_options(p)
+        p.add_argument("--cluster-config", default=None,
+                       help="the Ray launcher config (default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
+
     p = sub.add_parser("train-all", help="prepare, (sweep,) train every model x fold, select, register")
-    training_options(p)
-    p.add_argument("--data", default=None, help="dataset root (Kaggle layout); default: a simulated one")
-    p.add_argument("--images", type=int, default=240, help="images to simulate when no --data is given")
-    p.add_argument("--image-px", type=int, default=384, help="size of simulated images")
+    plan_options(p)
+    p.add_argument("--images", type=_at_least(1), default=240, help="images to simulate when no --data is given")
+    p.add_argument("--image-px", type=_at_least(64), default=384, help="size of simulated images")
     p.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="medium")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
-    p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
-    p.add_argument("--sweep-samples", type=int, default=8)
-    p.add_argument("--relabel-rounds", type=int, default=None, help="CRA rounds (default: the zoo's relabel.rounds)")
-    p.add_argument("--integrity", action="store_true", help="fit the VID even if the zoo does not enable it")
+    p.add_argument("--sweep-samples", type=_at_least(1), default=8)
+    p.add_argument("--max-concurrent", type=_at_least(1), default=None,
+                   help="jobs handed to Ray at once (default: all on an autoscaling cluster, what fits on a fixed one)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and list the jobs, as `ensemble check`")
     p.set_defaults(func=cmd_train_all)
+
+    p = sub.add_parser("check", help="check a zoo, its search spaces and settings, and list its jobs; starts nothing")
+    plan_options(p)
+    p.add_argument("--space", default=None, help="search-space YAML to check against every model (implies --sweep)")
+    p.add_argument("--no-build", action="store_true",
+                   help="skip building each model once on the CPU (a minute for the hcpl zoo on 2 cores)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("check-cluster", help="check a Ray cluster launcher config before `ray up`")
+    p.add_argument("config", nargs="?", default="cluster.yaml")
+    p.set_defaults(func=cmd_check_cluster)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA + Optuna) of one model of a zoo on one fold")
     training_options(p)
     p.add_argument("--model", required=True)
     p.add_argument("--space", default=None, help="search-space YAML (default: search_spaces/{head}.yaml)")
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--samples", type=_at_least(1), default=8)
+    p.add_argument("--fold", type=_at_least(0), default=0)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("select", help="select_ensemble on the OOF predictions of trained models")
@@ -185,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune", action="store_true", help="keep one member from every block, as the paper does")
     p.add_argument("--fusion", choices=["fit", "paper", "off"], default=None)
     p.add_argument("--no-nested", action="store_true", help="skip the out-of-sample (nested) scores")
+    p.add_argument("--strict", action="store_true",
+                   help="fail, rather than warn, when the OOF tables miss cells of the store")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("demo", help="the whole pipeline on a simulated dataset, on this machine")
@@ -204,14 +314,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(smallest: int):
+    """An argparse type: a whole number >= ``smallest`` (argparse's own message otherwise)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"must be at least {smallest}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in "invalid ... value"
+    return parse
+
+
+def explain(error: BaseException, tracking_uri: str | None = None) -> tuple[str, int] | None:
+    """``(one line, exit status)`` for an error the user can act on, or None for a bug (left a traceback).
+
+    Bad input is the user's to fix (status 2): a file and key, a row, an image. MLflow trouble
+    names the tracking URI and the cause (status 1). An error raised inside a Ray task arrives
+    wrapped, its remote traceback in its text: the cause is what is said.
+    """
+    from ensemble import tracking
+
+    cause = getattr(error, "cause", None)
+    if type(error).__module__.startswith("ray.") and isinstance(cause, BaseException):
+        error = cause
+    said = tracking.explain(error, tracking_uri)
+    if said is not None:
+        return said, 1
+    if isinstance(error, KeyError):
+        return str(error.args[0] if error.args else error), 2
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)):
+        return str(error), 2
+    return None
+
+
+def _warnings_of(command: str, show):
+    """A ``warnings.showwarning`` that says the package's own warnings in one line, others as ``show`` does."""
+    package = Path(__file__).resolve().parent
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not Path(filename).resolve().is_relative_to(package):
+            return show(message, category, filename, lineno, file, line)
+        print(f"ensemble {command}: warning: {message}", file=file or sys.stderr)
+
+    return one_line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show = warnings.showwarning
+    warnings.showwarning = _warnings_of(args.command, show)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # Bad input is the user's to fix: one clear line, no traceback.
-        print(f"ensemble {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        resumes = args.command in ("prepare", "train-all", "demo")
+        print(f"ensemble {args.command}: interrupted" + ("; the same command resumes where this one stopped"
+                                                         if resumes else ""), file=sys.stderr)
+        return 130
+    except Exception as error:
+        said = explain(error, getattr(args, "tracking_uri", None))
+        if said is None:
+            raise
+        print(f"ensemble {args.command}: error: {said[0]}", file=sys.stderr)
+        return said[1]
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

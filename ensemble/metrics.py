@@ -159,38 +159,88 @@ def competition_map(
     MapResult
         ``missing`` lists the classes with no ground-truth cell.
     """
-    n_classes = len(class_names)
-    n_truth = np.zeros(n_classes, dtype=np.int64)
-    scores: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-    hits: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
+    scores = CompetitionScores(iou_threshold, class_names)
     for image_id, gt in truth.items():
         predicted = predictions.get(image_id)
         for cells in (gt, predicted):
-            if cells is not None and cells.values.shape[1] != n_classes:
-                raise ValueError(f"image {image_id}: {cells.values.shape[1]} classes, not {n_classes}")
-        gt_positive = gt.values > POSITIVE_THRESHOLD
-        n_truth += gt_positive.sum(axis=0)
+            if cells is not None and cells.values.shape[1] != len(class_names):
+                raise ValueError(f"image {image_id}: {cells.values.shape[1]} classes, not {len(class_names)}")
         if predicted is None or len(predicted.cell_ids) == 0:
+            scores.add(np.zeros((0, len(gt.cell_ids))), np.zeros((0, len(class_names))), gt.values)
             continue
         if predicted.mask.shape != gt.mask.shape:
             shapes = f"predicted {predicted.mask.shape}, truth {gt.mask.shape}"
             raise ValueError(f"image {image_id}: masks differ in shape ({shapes})")
-        iou = mask_iou(predicted.mask, predicted.cell_ids, gt.mask, gt.cell_ids)
+        scores.add(mask_iou(predicted.mask, predicted.cell_ids, gt.mask, gt.cell_ids), predicted.values, gt.values)
+    return scores.result()
+
+
+class CompetitionScores:
+    """:func:`competition_map` one image at a time: what is kept per class is each detection's
+    confidence and true-positive flag, never a mask (see :func:`competition_map` for the rules).
+
+    Examples
+    --------
+    >>> scores = CompetitionScores()
+    >>> for iou, predicted, truth in images:     # (n, m) mask IoU, (n, 19) scores, (m, 19) labels
+    ...     scores.add(iou, predicted, truth)
+    >>> scores.result().map
+    """
+
+    def __init__(self, iou_threshold: float = 0.6, class_names: Sequence[str] = CLASS_NAMES):
+        self.iou_threshold = iou_threshold
+        self.class_names = list(class_names)
+        self.n_truth = np.zeros(len(class_names), dtype=np.int64)
+        self.scores: list[list[np.ndarray]] = [[] for _ in class_names]
+        self.hits: list[list[np.ndarray]] = [[] for _ in class_names]
+
+    def add(self, iou: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> None:
+        """One image: ``iou`` (n, m) of its n predicted and m true cells, their (n, C) scores and
+        the (m, C) true labels (positive above :data:`POSITIVE_THRESHOLD`). An image without
+        predictions (n = 0) still adds its true cells, as missed ones."""
+        gt_positive = np.asarray(truth) > POSITIVE_THRESHOLD
+        self.n_truth += gt_positive.sum(axis=0)
+        if len(predicted) == 0:
+            return
+        iou = np.asarray(iou).reshape(len(predicted), len(gt_positive))
         for c in np.flatnonzero(gt_positive.any(axis=0)):
-            confidence = predicted.values[:, c]
+            confidence = np.asarray(predicted)[:, c]
             order = np.argsort(-confidence, kind="stable")
-            scores[c].append(confidence[order])
-            hits[c].append(_match_greedy(iou[order][:, gt_positive[:, c]], iou_threshold))
-    per_class = {}
-    for c, name in enumerate(class_names):
-        if n_truth[c] > 0:
-            # A class with ground truth but no detections anywhere scores AP 0.
-            class_scores = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
-            class_hits = np.concatenate(hits[c]) if hits[c] else np.zeros(0, dtype=bool)
-            per_class[name] = oid_average_precision(class_scores, class_hits, int(n_truth[c]))
-    per_class = pd.Series(per_class, dtype=float)
-    missing = [name for c, name in enumerate(class_names) if n_truth[c] == 0]
-    return MapResult(map=_mean(per_class), per_class=per_class, missing=missing)
+            self.scores[c].append(confidence[order])
+            self.hits[c].append(_match_greedy(iou[order][:, gt_positive[:, c]], self.iou_threshold))
+
+    def result(self) -> MapResult:
+        """The mAP over the images added so far; ``missing`` lists the classes with no true cell."""
+        per_class = {}
+        for c, name in enumerate(self.class_names):
+            if self.n_truth[c] > 0:
+                # A class with ground truth but no detections anywhere scores AP 0.
+                class_scores = np.concatenate(self.scores[c]) if self.scores[c] else np.zeros(0)
+                class_hits = np.concatenate(self.hits[c]) if self.hits[c] else np.zeros(0, dtype=bool)
+                per_class[name] = oid_average_precision(class_scores, class_hits, int(self.n_truth[c]))
+        missing = [name for c, name in enumerate(self.class_names) if self.n_truth[c] == 0]
+        per_class = pd.Series(per_class, dtype=float)
+        return MapResult(map=_mean(per_class), per_class=per_class, missing=missing)
+
+
+class CellScores:
+    """:func:`cell_map` one image at a time: each predicted cell's scores and its matched true
+    cell's labels (binary), nothing else."""
+
+    def __init__(self, class_names: Sequence[str] = CLASS_NAMES):
+        self.class_names = list(class_names)
+        self.labels: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        """(n, C) labels of an image's predicted cells (all 0 for a cell that matched none) and their scores."""
+        self.labels.append(np.asarray(labels) > POSITIVE_THRESHOLD)
+        self.scores.append(np.asarray(scores, dtype=np.float32))
+
+    def result(self) -> MapResult:
+        empty = np.zeros((0, len(self.class_names)))
+        return cell_map(np.concatenate(self.labels or [empty]), np.concatenate(self.scores or [empty]),
+                        self.class_names)
 
 
 def mask_iou(mask_a: np.ndarray, ids_a: np.ndarray, mask_b: np.ndarray, ids_b: np.ndarray) -> np.ndarray:

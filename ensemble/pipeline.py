@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble import tracking
+from ensemble.cluster import check_jobs_fit, check_shared, cluster_shape, default_concurrency
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.data.store_build import PrepareReport, prepare
 from ensemble.integrity import IntegrityCV, IntegrityModel, cross_validate_integrity
@@ -31,7 +33,7 @@ from ensemble.storage import exists, join, read_bytes, read_parquet, write_bytes
 from ensemble.trainers.fit import RunContext
 from ensemble.trainers.relabel import RoundResult, cra_rounds, zoo_trainer
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
-from ensemble.trainers.zoo import TrainAllResult, train_zoo
+from ensemble.trainers.zoo import JobsFailedError, TrainAllResult, train_zoo  # noqa: F401  (the CLI's)
 from ensemble.zoo import Zoo, load_zoo
 
 
@@ -105,8 +107,8 @@ class PipelineResult:
         if self.integrity is not None:
             lines += ["", self.integrity.report()]
         if self.model_version is not None:
-            lines += ["", f"registered: models:/{self.model_version.name}@champion "
-                          f"(version {self.model_version.version})"]
+            lines += ["", f"registered: models:/{self.model_version.name}/{self.model_version.version} "
+                          f"({self.model_version.tags.get(tracking.TAG_PROMOTION, '')})"]
         return "\n".join(lines)
 
 
@@ -132,15 +134,28 @@ def store_labels(store: CellStore) -> pd.DataFrame:
 
 
 def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, tracking_uri: str | None = None,
-                parent_run_id: str | None = None, **options) -> EnsembleSpec:
+                parent_run_id: str | None = None, *, strict: bool = False, **options) -> EnsembleSpec:
     """``select_ensemble`` on OOF tables (:func:`load_oof_dir`, :func:`load_oof_mlflow`), scored
     against the store's labels.
 
     Without cell truth the per-class fusion rule cannot be fitted, so the paper's threshold rule
     is used; a zoo with no image stream (no DSA head) has nothing to fuse. The spec (JSON) and the
     correlation plot go to ``out_dir`` (a path or URI) and to a MLflow run.
+
+    OOF tables that together miss cells of the store (a fold never trained, tables of another
+    store) are scored on the cells they have: a warning says how many and which images, or with
+    ``strict`` a ValueError.
     """
     labels = store_labels(CellStore(store))
+    missing = ~pd.MultiIndex.from_frame(labels[KEYS]).isin(pd.MultiIndex.from_frame(oof.index[KEYS]))
+    if missing.any():
+        images = labels.loc[missing, "image_id"].unique()
+        message = (f"the OOF tables together miss {int(missing.sum())} of the {len(labels)} cells of {store}, in "
+                   f"{len(images)} images ({', '.join(map(str, images[:5]))}{', ...' if len(images) > 5 else ''}): "
+                   "selection scores only the cells they cover")
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
     options.setdefault("fusion", "off" if not oof.image else "fit" if labels["cell_truth"].all() else "paper")
     options.setdefault("aggregation", "hierarchical")
     spec = select_ensemble(oof, labels, **options)
@@ -221,11 +236,25 @@ def sweep_model(zoo: str | Zoo, model: str, workdir: str, *, space: str | None =
 def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None = None,
               tracking_uri: str | None = None, overrides: dict | None = None, sweep: bool = False,
               sweep_samples: int = 8, progress: bool = True, max_concurrent: int | None = None,
-              select: bool = True, register: bool = True) -> PipelineResult:
+              segmenter: str = "classical", segmenter_settings: dict | None = None,
+              cluster_config: str | None = None, select: bool = True, register: bool = True) -> PipelineResult:
     """Prepare the store of ``data``, optionally sweep, train every model of ``zoo`` on every fold,
-    select the ensemble on the OOF predictions and register it (``models:/hpa-ensemble@champion``)."""
+    select the ensemble on the OOF predictions and register it (``models:/hpa-ensemble@champion``).
+
+    Before anything starts, the cluster is checked (:mod:`ensemble.cluster`): every job fits some
+    node type, and on several nodes the tracking URI and ``workdir`` reach them all.
+    ``max_concurrent`` jobs are handed to Ray at once (default: every job on an autoscaling
+    cluster, what the nodes hold on a fixed one). ``segmenter`` and its settings cut the cells
+    (``hpacellseg`` with its two weight files as URLs, on real HPA data).
+    """
     zoo = load_zoo(zoo, overrides) if not isinstance(zoo, Zoo) else zoo
-    report = prepare(data, store_uri(workdir), cell_size=zoo.cell_size, n_folds=zoo.n_folds, progress=progress)
+    shape = cluster_shape(cluster_config)
+    check_jobs_fit(zoo, shape)
+    check_shared(shape, tracking.tracking_uri(tracking_uri), workdir)
+    report = prepare(data, store_uri(workdir), cell_size=zoo.cell_size, n_folds=zoo.n_folds, segmenter=segmenter,
+                     segmenter_settings=segmenter_settings, progress=progress)
+    n_folds = int(CellStore(store_uri(workdir)).cells["fold"].max()) + 1
+    max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * n_folds)
     if zoo.integrity.enabled and zoo.integrity.labels_csv is None and \
             "truth" not in CellStore(store_uri(workdir)).label_versions():
         # Said now, not after hours of training: the VID learns from good/bad cells.
@@ -259,6 +288,6 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
             members = member_checkpoints(experiment_name, needed_models(ensemble), tracking_uri)
             version = register_ensemble(ensemble, members, Preprocessing.from_store(store_uri(workdir)),
                                         tracking_uri=tracking_uri, experiment=experiment_name,
-                                        integrity_dir=integrity.uri if integrity else None)
+                                        integrity_dir=integrity.uri if integrity else None, zoo=zoo.name)
     return PipelineResult(zoo=zoo, prepare=report, training=training, ensemble=ensemble, model_version=version,
                           sweeps=sweeps, relabel=rounds, integrity=integrity)

@@ -26,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ensemble import tracking
+from ensemble.cluster import cluster_shape
 from ensemble.data import hpa
 from ensemble.oof import CELL_COLUMNS
 from ensemble.serving import OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
+from ensemble.serving_io import given_masks
 from ensemble.storage import write_parquet
 from ensemble.submission import Detection, SubmissionImage, write_submission
 
@@ -83,6 +85,7 @@ def predict_images(
     device: str | None = None,
     progress: bool = True,
     members: bool = False,
+    masks: str | Path | None = None,
 ) -> PredictResult:
     """Predict the cells of images in the Kaggle layout (``{data_root}/{split}/{ID}_{channel}.png``).
 
@@ -105,15 +108,21 @@ def predict_images(
     batch_size : int
         Images whose cells go through the networks together.
     num_workers : int, optional
-        Ray segmentation actors (default: the cluster's CPUs less one for the network actor).
+        Most Ray segmentation actors of the autoscaling pool (default: the most CPUs the cluster
+        can hold, less one for the network actor).
     device : str, optional
         Torch device of the member networks, e.g. ``"cpu"`` on a GPU machine; default CUDA when
-        available (on Ray: when the cluster has a GPU, the network actor takes one).
+        this process has one. On Ray, ``"cuda"`` makes the network actor ask for a GPU (an
+        autoscaling cluster starts a GPU node for it); otherwise it runs on a CPU.
     progress : bool
         Show a progress bar (images, cells/s).
     members : bool
         Also keep each member network's own cell probabilities (:func:`ensemble.oof.member_columns`),
         so that :func:`ensemble.evaluate.evaluate` can score the members beside the ensemble.
+    masks : str or Path, optional
+        A folder of given cell masks ``{ID}.png`` (uint16 instance labels, as hpacellseg writes)
+        used instead of segmenting; ``"auto"``: the dataset's ``masks/`` when it has one. An image
+        whose mask is missing or not its size is skipped and reported.
     """
     if out is not None and Path(str(out)).suffix not in (".parquet", ".csv"):
         raise ValueError(f"out must end in .parquet (per-cell table) or .csv (Kaggle submission), got {out}")
@@ -121,14 +130,15 @@ def predict_images(
         raise ValueError(f"engine must be 'auto', 'local' or 'ray', got {engine!r}")
     start = time.perf_counter()
     ids = list(hpa.read_index(data_root, split)["ID"]) if ids is None else [str(i) for i in ids]
+    masks = given_masks(masks, data_root)
     if engine == "auto":
         engine = "ray" if len(ids) >= RAY_MIN_IMAGES else "local"
     if engine == "local":
         cells, images, report, timings = _predict_local(model_uri, str(data_root), ids, split, batch_size, device,
-                                                        progress, members)
+                                                        progress, members, masks=masks)
     else:
         cells, images, report, timings = _predict_ray(model_uri, str(data_root), ids, split, batch_size, num_workers,
-                                                      device, progress, members)
+                                                      device, progress, members, masks=masks)
     cells = cells.sort_values(["image_id", "cell_id"], ignore_index=True)
     result = PredictResult(cells, images, report, None if out is None else str(out), 0.0, timings)
     if out is not None:
@@ -163,7 +173,7 @@ def _results(cells: list[pd.DataFrame], images: list[tuple], report, timings):
     return cells, images, report, timings
 
 
-def _predict_local(model_uri, data_root, ids, split, batch_size, device, progress, members):
+def _predict_local(model_uri, data_root, ids, split, batch_size, device, progress, members, masks=None):
     """Everything in this process: read and segment a batch of images, then classify it."""
     model = load_ensemble(model_uri)
     model.member_outputs = members
@@ -171,7 +181,7 @@ def _predict_local(model_uri, data_root, ids, split, batch_size, device, progres
         model.device = torch.device(device)
     report = hpa.BatchReport()
     cells, images = [], []
-    segmented = model.iter_segmented(data_root, ids, split, report)
+    segmented = model.iter_segmented(data_root, ids, split, report, masks)
     with tqdm(total=len(ids), unit="img", desc="predict", disable=not progress) as bar:
         for batch in batched(segmented, batch_size):
             cells.append(model.classify(batch))
@@ -193,16 +203,16 @@ class _Skipped:
 class _Segment:
     """Ray Data stage 1: read and segment images (CPU); the member networks are never loaded here."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, data_root: str, split: str):
+    def __init__(self, model_uri: str, tracking_uri: str, data_root: str, split: str, masks: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
         self.model = load_ensemble(model_uri)
-        self.data_root, self.split = data_root, split
+        self.data_root, self.split, self.masks = data_root, split, masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
         for image_id in batch["image_id"]:
             report = hpa.BatchReport()
-            found = list(self.model.iter_segmented(self.data_root, [str(image_id)], self.split, report))
+            found = list(self.model.iter_segmented(self.data_root, [str(image_id)], self.split, report, self.masks))
             results.append(found[0] if found else _Skipped(report.skipped[0][1]))
         # Object columns travel pickled, as in the cell store's pipeline (variable-size crops).
         return {"image_id": batch["image_id"], "segmented": _object_array(results)}
@@ -233,13 +243,14 @@ class _Classify:
         }
 
 
-def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, device, progress, members):
+def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, device, progress, members, masks=None):
     """The two-stage Ray Data pipeline of the module docstring."""
     if not ray.is_initialized():
         ray.init()  # a local Ray, or the cluster this process runs in
-    resources = ray.cluster_resources()
-    gpus = 1 if resources.get("GPU", 0) >= 1 and device in (None, "cuda") else 0
-    num_workers = num_workers or max(1, int(resources.get("CPU", 1)) - 1)
+    # Declared, not sniffed: the network actor asks for a GPU when told to run on one, so an
+    # autoscaling cluster with no GPU node yet starts one.
+    gpus = 1 if device == "cuda" else 0
+    num_workers = num_workers or max(1, int(cluster_shape().most("CPU")) - 1)
     # Actors load the model themselves, so they need the tracking server (or SQLite file) and a
     # model path that do not depend on their working directory.
     tracking_uri = tracking.tracking_uri(mlflow.get_tracking_uri())
@@ -248,8 +259,8 @@ def _predict_ray(model_uri, data_root, ids, split, batch_size, num_workers, devi
     dataset = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=max(1, len(ids)))
     dataset = dataset.map_batches(
         _Segment, fn_constructor_kwargs=dict(model_uri=model_uri, tracking_uri=tracking_uri, data_root=data_root,
-                                             split=split),
-        compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=1, num_cpus=1,
+                                             split=split, masks=masks),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers), batch_size=1, num_cpus=1,
     )
     dataset = dataset.map_batches(
         _Classify, fn_constructor_kwargs=dict(model_uri=model_uri, tracking_uri=tracking_uri, device=device,

@@ -2,13 +2,18 @@
 
 The model itself, and how it predicts, is :mod:`ensemble.serving`; this module gathers what it
 packs (the members' fold networks from their training runs, the spec, the preprocessing of the
-store they trained on, the VID) and writes it as an MLflow model::
+store they trained on, the VID) and writes it as an MLflow model, saved "from code"
+(:mod:`ensemble.serving_model`) with this package as its ``code_paths``, the input signature and
+a self-contained input example of :mod:`ensemble.serving_io`, so ``mlflow models serve`` runs it
+anywhere the package's requirements are installed. Its artifacts::
 
     ensemble_spec   ensemble_spec.json          EnsembleSpec.to_json
     config          config.json                 preprocessing, members' ModelSpecs, integrity hook
     members         members/{model}/fold{k}.pt  each fold network's state_dict (checkpoint/best.pt)
     segmenter       files the segmenter reads (hpacellseg weights), when its settings name any
     integrity       optional: the directory handed to the integrity loader
+
+Which version is the champion, and what each version records, is :mod:`ensemble.governance`.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from pathlib import Path
 import mlflow
 from mlflow.artifacts import download_artifacts
 
-from ensemble import tracking
+import ensemble
+from ensemble import governance, tracking
 from ensemble.selectors import EnsembleSpec
-# EnsembleModel is re-exported: models registered before serving.py existed pickled it as
+from ensemble.serving import CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, Preprocessing, load_integrity_hook
+# Re-exported: models registered before serving.py existed pickled their python_model as
 # ensemble.registry.EnsembleModel, and unpickling looks it up here.
-from ensemble.serving import (CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, SIGNATURE, EnsembleModel, Preprocessing,
-                              load_integrity_hook)
+from ensemble.serving import EnsembleModel  # noqa: F401
+from ensemble.serving_io import SIGNATURE, example_input
 from ensemble.zoo import ModelSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # training runs log checkpoint/best.pt and checkpoint/spec.json
@@ -49,12 +56,15 @@ class MemberCheckpoints:
         Fold -> the MLflow run it came from (empty for files given by hand).
     store : str or None
         The cell store the runs trained on (their ``store`` parameter), if known.
+    tags : dict of str to str
+        The runs' zoo and data fingerprint tags, when they have them (a version records them).
     """
 
     spec: ModelSpec
     folds: dict[int, Path]
     runs: dict[int, str] = field(default_factory=dict)
     store: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def needed_models(spec: EnsembleSpec) -> list[str]:
@@ -99,7 +109,7 @@ def member_checkpoints(experiment: str, model_names: Sequence[str], tracking_uri
     for name in model_names:
         runs = client.search_runs(
             [found.experiment_id],
-            filter_string=(f"tags.`{tracking.TAG_KIND}` = 'job' and tags.`{tracking.TAG_MODEL}` = '{name}' "
+            filter_string=(f"tags.`{tracking.TAG_KIND}` = 'job' and tags.`{tracking.TAG_MODEL}` = {tracking.quote(name)} "
                            "and attributes.status = 'FINISHED'"),
             order_by=["attributes.start_time DESC"],
         )
@@ -117,8 +127,11 @@ def member_checkpoints(experiment: str, model_names: Sequence[str], tracking_uri
                                             dst_path=str(dst / name / f"fold{fold}"), tracking_uri=uri))
             folds[fold] = local / "best.pt"
         spec = ModelSpec.from_dict(json.loads((local / "spec.json").read_text()))  # the same for every fold (hash checked)
+        newest = next(iter(latest.values()))
         members[name] = MemberCheckpoints(spec=spec, folds=folds, runs={f: r.info.run_id for f, r in latest.items()},
-                                          store=next(iter(latest.values())).data.params.get("store"))
+                                          store=newest.data.params.get("store"),
+                                          tags={k: newest.data.tags[k] for k in (tracking.TAG_ZOO, tracking.TAG_FINGERPRINT)
+                                                if k in newest.data.tags})
     return members
 
 
@@ -140,8 +153,10 @@ def register_ensemble(spec: EnsembleSpec | str | Path, members: Mapping[str, Mem
                       preprocessing: Preprocessing, *, tracking_uri: str | None = None, name: str = "hpa-ensemble",
                       alias: str = "champion", experiment: str | None = None,
                       integrity_dir: str | Path | None = None,
-                      integrity_loader: str = DEFAULT_INTEGRITY_LOADER):
-    """Log the ensemble as a pyfunc model, register it as a new version of ``name``, point ``alias`` at it.
+                      integrity_loader: str = DEFAULT_INTEGRITY_LOADER, promote: str = "if-better",
+                      zoo: str | None = None, data_fingerprint: str | None = None):
+    """Log the ensemble as a pyfunc model, register it as a new version of ``name``, tag it, and
+    point ``alias`` at it if the promotion rule says so.
 
     Parameters
     ----------
@@ -153,7 +168,7 @@ def register_ensemble(spec: EnsembleSpec | str | Path, members: Mapping[str, Mem
     tracking_uri : str, optional
         Default: ``MLFLOW_TRACKING_URI`` or local SQLite (``tracking.tracking_uri``).
     name, alias : str
-        Registered model and the alias given to the new version.
+        Registered model and the alias the new version may take.
     experiment : str, optional
         Experiment of the registering run (tag ``ensemble.kind=register``); default ``name``.
     integrity_dir : str or Path, optional
@@ -161,11 +176,20 @@ def register_ensemble(spec: EnsembleSpec | str | Path, members: Mapping[str, Mem
         ``spec.integrity_weighting`` is on.
     integrity_loader : str
         ``"module:function"`` taking the directory and returning an object with ``weights``.
+    promote : {"if-better", "always", "never"}
+        Whether the new version takes ``alias``: always, never, or when it scores better than the
+        version holding it (:func:`ensemble.governance.decide_promotion`). The reason is recorded
+        in the version's ``promotion`` tag.
+    zoo, data_fingerprint : str, optional
+        Recorded as the version's tags; default: the members' training runs' tags.
 
     Returns
     -------
     mlflow.entities.model_registry.ModelVersion
+        With its tags and aliases as they stand after promotion.
     """
+    if promote not in governance.PROMOTE:
+        raise ValueError(f"promote must be one of {', '.join(governance.PROMOTE)}, got {promote!r}")
     spec = spec if isinstance(spec, EnsembleSpec) else EnsembleSpec.from_json(spec)
     uri = tracking.tracking_uri(tracking_uri)
     client = tracking.client(uri)
@@ -186,8 +210,17 @@ def register_ensemble(spec: EnsembleSpec | str | Path, members: Mapping[str, Mem
                 mlflow.log_dict(runs, "member_runs.json")
             info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **arguments)
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(name, alias, version)
+    tags = governance.version_tags(spec, needed_models(spec), zoo or _members_tag(members, tracking.TAG_ZOO),
+                                   data_fingerprint or _members_tag(members, tracking.TAG_FINGERPRINT))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    governance.promote_version(name, version, alias, promote, uri)
     return client.get_model_version(name, version)
+
+
+def _members_tag(members: Mapping[str, MemberCheckpoints], key: str) -> str | None:
+    """The members' value of a run tag (their values joined when they differ), or None."""
+    return ",".join(sorted({m.tags[key] for m in members.values() if key in m.tags})) or None
 
 
 def _model_arguments(spec: EnsembleSpec, members: Mapping[str, MemberCheckpoints], preprocessing: Preprocessing,
@@ -230,14 +263,19 @@ def _model_arguments(spec: EnsembleSpec, members: Mapping[str, MemberCheckpoints
         "integrity_loader": integrity_loader,
     }
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    return dict(python_model=EnsembleModel(), artifacts=artifacts, signature=SIGNATURE,
-                pip_requirements=_requirements())
+    # The package travels with the model (its code_paths), without caches, so a server runs the
+    # code the ensemble was registered with and needs nothing of this machine's disk.
+    package = Path(ensemble.__file__).resolve().parent
+    code = staging / "code" / package.name
+    shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dict(python_model=str(package / "serving_model.py"), code_paths=[str(code)], artifacts=artifacts,
+                signature=SIGNATURE, input_example=example_input(), pip_requirements=_requirements())
 
 
 def _requirements() -> list[str] | None:
     """The installed ``ensemble`` distribution's own requirements, so MLflow need not infer them
-    (inference loads the model in a subprocess: slow). The ``ensemble`` package itself is not on
-    PyPI: a serving environment installs it from its source."""
+    (inference loads the model in a subprocess: slow). The package itself travels as the model's
+    code (``code_paths``), so the requirements are what a serving environment installs."""
     try:
         requires = metadata.requires("ensemble") or []
     except metadata.PackageNotFoundError:

@@ -29,16 +29,24 @@ Integrity hook (VID): ``config.json`` names a loader as ``"module:function"`` (d
 of :func:`ensemble.data.features.cell_features` plus ``image_id`` (the VID morphology features)
 and ``crops`` the (n, 4, S, S) uint8 crops. Without the artifact every cell's integrity is 1.
 
-Input of :meth:`EnsembleModel.predict` (pyfunc): a DataFrame with columns ``image_id`` and
-``root`` (a dataset root in the Kaggle layout) and optionally ``split`` (default ``"test"``): the
-image is ``{root}/{split}/{image_id}_{red,green,blue,yellow}.png``. For in-memory images use
-``load_ensemble(uri).predict_arrays({image_id: (H, W, 4) float32 in [0, 1]})``.
+Input of :meth:`EnsembleModel.predict` (pyfunc, and ``mlflow models serve``): a DataFrame, one
+image per row: ``image_id`` and its four channels ``red, green, blue, yellow`` as base64 PNG text,
+bytes, paths or URLs, or ``root`` (a dataset in the Kaggle layout) and ``split``; optionally
+``mask``, a given cell instance mask used instead of segmenting (:mod:`ensemble.serving_io`). For
+in-memory images use ``load_ensemble(uri).predict_arrays({image_id: (H, W, 4) float32 in [0, 1]})``.
 
-Output: one row per cell, :data:`OUTPUT_COLUMNS`: ``image_id, cell_id``, the 19 class
-probabilities ``cell_0..cell_18`` (float32; the OOF layout, so apply_spec and the selectors read
-it), ``integrity`` (float32), ``rle`` (the cell's mask, :func:`ensemble.submission.encode_mask`),
-``width, height`` of the image. With ``member_outputs`` set, also each network's own cell
-probabilities, :func:`ensemble.oof.member_columns` (to score the members beside the ensemble).
+Output of ``predict``: one row per cell, :data:`~ensemble.serving_io.SERVING_COLUMNS`:
+``image_id, cell_id``, the 19 class probabilities named by class (float32), ``integrity``
+(float32), ``rle`` (the cell's mask, :func:`ensemble.submission.encode_mask`), ``width, height``
+of the image. Inside the package (:meth:`EnsembleModel.classify`, ``ensemble predict``'s tables)
+the probabilities keep the OOF layout ``cell_0..cell_18`` (:data:`OUTPUT_COLUMNS`), so apply_spec,
+the selectors and ``evaluate`` read them; ``predict`` renames them at the boundary. With
+``member_outputs`` set, also each network's own cell probabilities,
+:func:`ensemble.oof.member_columns` (to score the members beside the ensemble).
+
+The MLflow model carries this package as its code (``code_paths``) and is saved as "models from
+code" (:mod:`ensemble.serving_model`): no pickle. Models registered earlier pickled an
+``EnsembleModel`` (as ``ensemble.registry.EnsembleModel``) and still load.
 
 Serving needs no training code: it imports the models, the data preparation and the selected
 spec, nothing from :mod:`ensemble.trainers`.
@@ -59,20 +67,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema
 
 from ensemble.data import hpa
 from ensemble.data.crops import cut_cells
 from ensemble.data.features import FeatureSettings
-from ensemble.data.segment import create_segmenter
+from ensemble.data.segment import create_segmenter, from_given_mask
 from ensemble.data.store import CellStore
-from ensemble.labels import NUM_CLASSES
+from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.models import build_model
 from ensemble.models.inference import predict_cells
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.selectors import EnsembleSpec, apply_spec
-from ensemble.submission import encode_mask
+from ensemble.serving_io import ImageInput, dataset_inputs, frame_inputs, iter_inputs
+from ensemble.submission import encode_cells
 from ensemble.zoo import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -81,14 +88,6 @@ DEFAULT_INTEGRITY_LOADER = "ensemble.integrity:load_integrity"
 CONFIG_VERSION = 1
 OUTPUT_COLUMNS = ["image_id", "cell_id", *CELL_COLUMNS, "integrity", "rle", "width", "height"]
 IMAGES_PER_BATCH = 8  # images whose cells the members see together in predict()
-
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image_id"), ColSpec("string", "root"),
-                   ColSpec("string", "split", required=False)]),
-    outputs=Schema([ColSpec("string", "image_id"), ColSpec("long", "cell_id"),
-                    *(ColSpec("float", c) for c in CELL_COLUMNS), ColSpec("float", "integrity"),
-                    ColSpec("string", "rle"), ColSpec("long", "width"), ColSpec("long", "height")]),
-)
 
 
 @dataclass(frozen=True)
@@ -213,32 +212,41 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     # --- pyfunc entry point -------------------------------------------------------------------
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Cells of the images named by ``model_input`` (columns ``image_id, root[, split]``).
+        """Cells of the images of ``model_input``, one image per row (see the module docstring).
 
-        Images that cannot be read are skipped (logged, and listed in ``self.last_report``).
+        Images that cannot be read are skipped (logged, and listed in ``self.last_report``); if
+        none of them can, the reasons are raised (a served request answers with them).
         """
-        frame = pd.DataFrame(model_input)
-        if "split" not in frame:
-            frame["split"] = "test"
         report = hpa.BatchReport()
-        outputs = []
-        for (root, split), rows in frame.groupby(["root", "split"], sort=False):
-            segmented = self.iter_segmented(root, rows["image_id"].astype(str), split, report)
-            for chunk in batched(segmented, IMAGES_PER_BATCH):
-                outputs.append(self.classify(chunk))
+        segmented = self.segment_inputs(frame_inputs(model_input), report)
+        outputs = [self.classify(chunk) for chunk in batched(segmented, IMAGES_PER_BATCH)]
         self.last_report = report
-        return pd.concat(outputs, ignore_index=True) if outputs else self.classify([])
+        if report.skipped and not report.n_ok:
+            raise hpa.DatasetError(f"no image could be read: {report.summary()}")
+        cells = pd.concat(outputs, ignore_index=True) if outputs else self.classify([])
+        return cells.rename(columns=dict(zip(CELL_COLUMNS, CLASS_NAMES)))
 
-    def predict_arrays(self, images: Mapping[str, np.ndarray]) -> pd.DataFrame:
-        """Cells of in-memory images: ``{image_id: (H, W, 4) float in [0, 1], CHANNELS order}``."""
-        return self.classify([self.segment(image_id, image) for image_id, image in images.items()])
+    def predict_arrays(self, images: Mapping[str, np.ndarray],
+                       masks: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
+        """Cells of in-memory images: ``{image_id: (H, W, 4) float in [0, 1], CHANNELS order}``,
+        in the OOF layout of :meth:`classify`; ``masks`` optionally gives an image's cell mask."""
+        masks = masks or {}
+        return self.classify([self.segment(image_id, image, masks.get(image_id)) for image_id, image in images.items()])
 
     # --- the two stages -----------------------------------------------------------------------
 
-    def iter_segmented(self, root: str | Path, ids: Iterable[str], split: str,
-                       report: hpa.BatchReport) -> Iterator[SegmentedImage]:
-        """Read and segment images one at a time; bad ones go to ``report`` (hpa.iter_images)."""
-        images = hpa.iter_images(root, ids, split, report=report)
+    def iter_segmented(self, root: str | Path, ids: Iterable[str], split: str, report: hpa.BatchReport,
+                       masks: str | None = None) -> Iterator[SegmentedImage]:
+        """Read and segment the images of a dataset one at a time; bad ones go to ``report``.
+
+        ``masks``: a folder of given cell masks ``{ID}.png`` used instead of segmenting; an image
+        whose mask is missing or not its size is skipped and reported.
+        """
+        return self.segment_inputs(dataset_inputs(root, ids, split, masks), report)
+
+    def segment_inputs(self, inputs: Iterable[ImageInput], report: hpa.BatchReport) -> Iterator[SegmentedImage]:
+        """Read and segment images one at a time; those that cannot be read go to ``report``."""
+        images = iter_inputs(inputs, report)
         while True:
             start = time.perf_counter()
             item = next(images, None)
@@ -247,13 +255,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
                 return
             yield self.segment(*item)
 
-    def segment(self, image_id: str, image: np.ndarray) -> SegmentedImage:
-        """Segment one image and cut its cells out as the cell store does (crops.process_image)."""
+    def segment(self, image_id: str, image: np.ndarray, mask: np.ndarray | None = None) -> SegmentedImage:
+        """Segment one image (or take its given ``mask``) and cut its cells out as the cell store
+        does (crops.process_image)."""
         start = time.perf_counter()
-        cells = self.segmenter(image).cells
+        cells = (self.segmenter(image) if mask is None else from_given_mask(image, mask)).cells
         segmented = time.perf_counter()
         table, crops = cut_cells(image, cells, self.cell_size, self.features)
-        rle = [encode_mask(cells == cell_id) for cell_id in table["cell_id"]]
+        rle = encode_cells(cells, table["cell_id"])
         self.timings.segment += segmented - start
         self.timings.crop += time.perf_counter() - segmented
         return SegmentedImage(str(image_id), int(image.shape[0]), int(image.shape[1]), table, crops, rle)

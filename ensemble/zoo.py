@@ -11,8 +11,10 @@ other hardware never makes a finished job look unfinished.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ from typing import Any
 import yaml
 
 HEADS = ("dsa", "cla", "clh")
+LOSSES = ("bce", "focal")
+MIN_CELL_SIZE = 16            # px; below it a backbone's first strides leave nothing to see
+MAX_UPSAMPLING = 2            # a model may see the store's crops enlarged at most this much
+# timm schedules whose shape the epoch count alone defines (step/multistep would need decay settings)
+SCHEDULES = ("cosine", "tanh", "poly", "wsd", "constant")
 ZOO_DIR = Path(__file__).resolve().parent / "zoos"
 
 
@@ -46,6 +53,21 @@ class TrainSettings:
     prior_init: bool = True       # classifiers start at the classes' positive rates, not at p = 0.5
     mixed_precision: bool = True  # bf16 autocast on GPU
     seed: int = 0
+    optimizer: str = "adam"       # any timm.optim.create_optimizer_v2 name (adamw, sgd, lamb, ...)
+    schedule: str = "cosine"      # timm.scheduler.create_scheduler_v2 name, one of SCHEDULES, stepped per epoch
+    warmup_epochs: int = 0        # linear warm-up from 1e-5 to lr, within epochs
+
+    def __post_init__(self):
+        # Checked here so a misspelt name fails when the zoo is read, not inside a Ray job.
+        from timm.optim import list_optimizers
+
+        name = self.optimizer.lower()
+        if name.removeprefix("lookahead_") not in list_optimizers():
+            raise SpecError(f"optimizer: {self.optimizer!r} is not a timm optimizer (see timm.optim.list_optimizers())")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
+        if self.warmup_epochs < 0:
+            raise SpecError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)
@@ -54,9 +76,24 @@ class Placement:
 
     num_workers: int = 1          # Ray Train workers (DDP when > 1)
     cpus_per_worker: float = 1.0
-    use_gpu: bool | None = None   # None: use a GPU when the cluster has one
+    use_gpu: bool = False         # declared, never sniffed: an autoscaling cluster starts with no GPU node
+    gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int | None = None
     in_memory: bool = False       # read the job's crops into memory once (small stores)
+    loader_workers: int | None = None  # DataLoader processes per worker; None: one per CPU held beyond the first
+
+    def __post_init__(self):
+        # What Ray would refuse (or wait on for ever) only once a job starts.
+        problems = [f"{key} must be {rule}, got {value}" for key, value, rule, ok in (
+            ("num_workers", self.num_workers, ">= 1", self.num_workers >= 1),
+            ("cpus_per_worker", self.cpus_per_worker, "> 0", self.cpus_per_worker > 0),
+            ("gpus_per_worker", self.gpus_per_worker, "> 0", self.gpus_per_worker > 0),
+            ("torch_threads", self.torch_threads, ">= 1 or null", self.torch_threads is None or self.torch_threads >= 1),
+            ("loader_workers", self.loader_workers, ">= 0 or null",
+             self.loader_workers is None or self.loader_workers >= 0),
+        ) if not ok]
+        if problems:
+            raise SpecError("; ".join(problems))
 
 
 PLACEMENT_KEYS = tuple(f.name for f in dataclasses.fields(Placement))
@@ -80,6 +117,9 @@ class ModelSpec:
     def __post_init__(self):
         if self.head not in HEADS:
             raise SpecError(f"model {self.name!r}: head must be one of {HEADS}, got {self.head!r}")
+        problem = _model_problem(self)
+        if problem:
+            raise SpecError(f"model {self.name!r}: {problem}")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelSpec:
@@ -93,6 +133,7 @@ class ModelSpec:
             data["cell_size"] = data.pop("image_size")
         train = dict(data.pop("train", {}))
         placement = {**{k: train.pop(k) for k in PLACEMENT_KEYS if k in train}, **data.pop("placement", {})}
+        placement["use_gpu"] = bool(placement.get("use_gpu"))  # older specs: None meant "if the cluster has one"
         return cls(**data, train=TrainSettings(**train), placement=Placement(**placement))
 
     def fingerprint(self) -> str:
@@ -102,6 +143,50 @@ class ModelSpec:
         """
         learnt = {k: v for k, v in dataclasses.asdict(self).items() if k != "placement"}
         return hashlib.sha256(json.dumps(learnt, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _backbone_problem(name: str, pretrained: bool) -> str | None:
+    """What is wrong with a backbone name, from timm's registry alone (no model is built)."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
+        return (f"backbone: {name!r} is not a timm model"
+                + (f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"))
+    arch, tag = split_model_name_tag(name)
+    if tag and name not in timm.list_pretrained():
+        return f"backbone: timm has no weights {tag!r} for {arch} (see timm.list_pretrained({arch + '.*'!r}))"
+    if pretrained and not timm.list_pretrained(f"{arch}.*"):
+        return (f"backbone: timm has no pretrained weights for {name!r}: set pretrained: false "
+                "or give checkpoint_path")
+    return None
+
+
+def _model_problem(spec: ModelSpec) -> str | None:
+    """The first thing about ``spec`` that would fail inside a training job, or None."""
+    backbone = _backbone_problem(spec.backbone, spec.pretrained and spec.checkpoint_path is None)
+    if backbone:
+        return backbone
+    if not isinstance(spec.cell_size, int) or spec.cell_size < MIN_CELL_SIZE:
+        return f"cell_size must be a whole number of pixels >= {MIN_CELL_SIZE}, got {spec.cell_size!r}"
+    if not isinstance(spec.cells_per_image, int) or spec.cells_per_image < 1:
+        return f"cells_per_image must be a whole number >= 1, got {spec.cells_per_image!r}"
+    if not isinstance(spec.head_kwargs, dict):
+        return f"head_kwargs must be a mapping, got {spec.head_kwargs!r}"
+    train = spec.train
+    if train.loss not in LOSSES:
+        return f"train.loss must be one of {list(LOSSES)}, got {train.loss!r}"
+    for key, ok in (("epochs", train.epochs >= 1), ("batch_size", train.batch_size >= 1), ("lr", train.lr > 0),
+                    ("weight_decay", train.weight_decay >= 0), ("patience", train.patience >= 1),
+                    ("augment", 0 <= train.augment <= 1)):
+        if not ok:
+            rule = "between 0 and 1" if key == "augment" else ">= 0" if key == "weight_decay" else "positive"
+            return f"train.{key} must be {rule}, got {getattr(train, key)}"
+    if spec.head == "dsa" and train.batch_size < spec.cells_per_image:
+        return (f"train.batch_size {train.batch_size} holds no bag of cells_per_image {spec.cells_per_image} "
+                "(a DSA step takes batch_size // cells_per_image bags): raise batch_size or lower cells_per_image")
+    return None
 
 
 @dataclass(frozen=True)
@@ -170,16 +255,35 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    values = dict(values)
     for key, value in values.items():
         default = known[key].default
-        if isinstance(default, bool) or default is None or value is None:
+        if default is None or value is None or default is dataclasses.MISSING:
             continue
-        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-            raise SpecError(f"{where}.{key}: expected a number, got {value!r}")
+        values[key] = setting_value(value, type(default), f"{where}.{key}")
     try:
         return cls(**values)
     except SpecError as err:
         raise SpecError(f"{where}: {err}") from None
+
+
+def setting_value(value: Any, kind: type, where: str) -> Any:
+    """``value`` as a setting of type ``kind`` (bool, int, float or str), or a SpecError naming ``where``.
+
+    YAML 1.1 reads ``1e-5`` (no dot) as a string: a float setting takes it as the number it means.
+    """
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = {bool: isinstance(value, bool), float: numeric, str: isinstance(value, str),
+            int: numeric and float(value).is_integer()}.get(kind, True)
+    if not fits:
+        expected = {bool: "true or false", float: "a number", int: "a whole number", str: "a string"}[kind]
+        raise SpecError(f"{where}: expected {expected}, got {value!r}")
+    return int(value) if kind is int else value
 
 
 def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
@@ -207,11 +311,16 @@ def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
     if misplaced:
         raise SpecError(f"{path}: train: {misplaced} say where a job runs, not what it learns: "
                         "move them under 'placement:'")
+    if not isinstance(data["models"], list) or not data["models"]:
+        raise SpecError(f"{path}: models: expected a non-empty list of models, got {data['models']!r}")
     models = []
     for i, entry in enumerate(data["models"]):
         where = f"{path}: models[{i}]"
         if not isinstance(entry, dict) or "name" not in entry:
             raise SpecError(f"{where}: each model needs a 'name'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(entry["name"])):
+            # The name becomes file names (oof/{name}.parquet) and MLflow tags.
+            raise SpecError(f"{where}.name: {entry['name']!r} may hold only letters, digits, '_', '.' and '-'")
         entry = dict(entry)
         train = _build(TrainSettings, {**defaults["train"], **(entry.pop("train", None) or {}), **(overrides or {})},
                        f"{where}.train")
@@ -227,8 +336,17 @@ def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
                                 "relabel", "integrity"})
     if extra:
         raise SpecError(f"{path}: unknown top-level key(s) {extra}")
-    return Zoo(name=data.get("name", path.stem), models=tuple(models), n_folds=int(data.get("n_folds", 3)),
-               cell_size=int(data.get("cell_size", 64)), source=str(path),
+    n_folds = setting_value(data.get("n_folds", 3), int, f"{path}: n_folds")
+    cell_size = setting_value(data.get("cell_size", 64), int, f"{path}: cell_size")
+    if n_folds < 2 or cell_size < MIN_CELL_SIZE:
+        raise SpecError(f"{path}: n_folds must be >= 2 and cell_size >= {MIN_CELL_SIZE}, got {n_folds}, {cell_size}")
+    for i, spec in enumerate(models):
+        if spec.cell_size > MAX_UPSAMPLING * cell_size:
+            raise SpecError(f"{path}: models[{i}].cell_size: {spec.name!r} would see the store's {cell_size} px crops "
+                            f"enlarged to {spec.cell_size} px, which adds no detail: raise the zoo's cell_size "
+                            f"(the crops' side) to at least {spec.cell_size // MAX_UPSAMPLING} or lower the model's")
+    return Zoo(name=data.get("name", path.stem), models=tuple(models), n_folds=n_folds, cell_size=cell_size,
+               source=str(path),
                relabel=_build(RelabelSettings, data.get("relabel") or {}, f"{path}: relabel"),
                integrity=_build(IntegritySettings, data.get("integrity") or {}, f"{path}: integrity"))
 

@@ -50,7 +50,7 @@ def dataset(tmp_path_factory) -> Path:
 def store(dataset, tmp_path_factory) -> str:
     """A store built in one go, through a file:// URI (the code path of remote stores)."""
     uri = f"file://{tmp_path_factory.mktemp('stores') / 'one-go'}"
-    prepare(dataset, uri, num_workers=2, **SETTINGS)
+    prepare(dataset, uri, max_workers=2, **SETTINGS)
     return uri
 
 
@@ -124,7 +124,7 @@ def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
         import ray
         from ensemble.data.store_build import prepare
         ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-        prepare({str(dataset)!r}, {str(resumed)!r}, num_workers=1, **{SETTINGS!r})
+        prepare({str(dataset)!r}, {str(resumed)!r}, max_workers=1, **{SETTINGS!r})
     """)
     # Its own session (process group), so the kill takes the driver and the Ray it started.
     child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
@@ -136,7 +136,7 @@ def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
     child.wait()
     assert marker.exists() and not (resumed / "cells.parquet").exists()
 
-    report = prepare(dataset, str(resumed), num_workers=2, **SETTINGS)
+    report = prepare(dataset, str(resumed), max_workers=2, **SETTINGS)
     assert report.chunks_reused >= 1 and report.chunks_built >= 1
     one_go = Path(fsspec.core.url_to_fs(store)[1])
     for name in ["cells.parquet", "report.json", "meta.json", *sorted(os.listdir(one_go / "crops"))]:

@@ -1,9 +1,10 @@
-"""The cluster entry points: cluster.yaml passes Ray's own checks; train_all.py runs as a Ray job on a
-``ray start --head`` cluster; attached to it, killed mid-way and re-run, it leaves no duplicate MLflow runs."""
+"""The cluster entry points: cluster.yaml passes Ray's own checks once its placeholders are filled and
+``ensemble check-cluster`` says which are not; train_all.py attached to a ``ray start --head`` cluster,
+killed mid-way and re-run, leaves no duplicate MLflow runs. (A Ray job on a multi-node cluster with a
+bucket: test_multinode.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -31,15 +32,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cluster_yaml_passes_ray_validation():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+def test_cluster_yaml_is_checked_before_ray_up(tmp_path):
+    check = [str(BIN / "ensemble"), "check-cluster"]
+    shipped = subprocess.run([*check, str(REPO / "cluster.yaml")], capture_output=True, text=True, timeout=120)
+    assert shipped.returncode == 2
+    unfilled = [line for line in shipped.stderr.splitlines() if "fill in" in line]
+    assert {"region", "ImageId", "IamInstanceProfile", "--artifacts-destination"} <= \
+        {word.rstrip(":") for line in unfilled for word in line.split()}
 
-    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
-    validate_config(config)
+    text = (REPO / "cluster.yaml").read_text()
+    for marker, value in (("FILL_IN-region", "us-west-2"), ("FILL_IN-ami-id", "ami-0123456789abcdef0"),
+                          ("FILL_IN-instance-profile", "hpa-s3"), ("FILL_IN-bucket", "my-bucket")):
+        text = text.replace(marker, value)
+    filled = tmp_path / "cluster.yaml"
+    filled.write_text(text)
+    assert subprocess.run([*check, str(filled)], capture_output=True, timeout=120).returncode == 0
+    config = yaml.safe_load(text)
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] >= 1
-    assert "/home/ubuntu/ensemble" in config["file_mounts"]
-    assert any("pip install -e /home/ubuntu/ensemble" in c for c in config["setup_commands"])
+    assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311-gpu")
+    assert "/home/ray/ensemble" in config["file_mounts"]
+    assert any("pip install -e /home/ray/ensemble" in c for c in config["setup_commands"])
+    mlflow = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    assert "sqlite" not in mlflow and "s3://my-bucket" in mlflow, "runs outlive `ray down`, artifacts in the bucket"
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text.replace('resources: {"CPU": 8, "GPU": 1}', 'resources: {"CPU": "eight"}'))
+    rejected = subprocess.run([*check, str(broken)], capture_output=True, text=True, timeout=120)
+    assert rejected.returncode == 2 and "Ray rejects the config" in rejected.stderr
 
 
 def wait_for_http(url: str, timeout: float) -> None:
@@ -93,28 +113,6 @@ def job_runs(uri: str) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_train_all_as_a_ray_job(head, small_dataset, tiny_zoo_file, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # A job runs in the head's environment, not the submitter's: pass the tracking URI along.
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}})
-    # The head's job agent starts after its dashboard answers: seconds on a quiet machine, minutes
-    # on a busy one. Until then submissions are refused with "No available agent".
-    deadline = time.monotonic() + 300
-    while True:
-        done = subprocess.run([BIN / "ray", "job", "submit", "--address", head["dashboard"],
-                               "--runtime-env-json", runtime_env, "--",
-                               *train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work")],
-                              env=head["env"], capture_output=True, text=True, timeout=600)
-        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(5)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in (done.stdout + done.stderr).lower()
-    runs = [r for r in job_runs(uri) if r.data.tags.get(tracking.TAG_KIND) == "job"]
-    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
-    assert (tmp_path / "work" / "oof" / "dsa_tiny.parquet").exists()
-
-
 def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**head["env"], "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": head["gcs"]}
@@ -143,3 +141,34 @@ def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, ti
     assert all(r.info.status == "FINISHED" for r in jobs)
     parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "train_all"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_a_job_no_node_type_can_offer_fails_at_once_and_autoscaling_gets_every_job():
+    from ensemble.cluster import ClusterShape, NodeType, check_jobs_fit, default_concurrency
+    from ensemble.zoo import load_zoo
+
+    text = (REPO / "cluster.yaml").read_text()
+    aws = ClusterShape.from_config(yaml.safe_load(text), "cluster.yaml")
+    hcpl, quick = load_zoo("hcpl"), load_zoo("quick")
+    assert aws.autoscaling and aws.most("GPU") == 8
+    check_jobs_fit(hcpl, aws)  # one GPU and 6 CPUs per job: the g5 workers offer it
+    assert default_concurrency(hcpl, aws, 45) == 45, "an autoscaler must see the whole demand"
+
+    laptop = ClusterShape((NodeType("local", {"CPU": 2.0}),), autoscaling=False, source="the nodes alive now")
+    with pytest.raises(ValueError, match=r"model 'dsa_effb4' asks for \{'CPU': 6.0, 'GPU': 1.0\}.*--cluster-config"):
+        check_jobs_fit(hcpl, laptop)
+    check_jobs_fit(quick, laptop)
+    assert default_concurrency(quick, laptop, 24) == 2, "a fixed cluster gets what its nodes hold"
+
+
+def test_files_on_the_driver_are_refused_on_several_nodes():
+    from ensemble.cluster import ClusterShape, NodeType, check_shared
+
+    one = ClusterShape((NodeType("local", {"CPU": 2.0}),), autoscaling=False, source="now", nodes_alive=1)
+    three = ClusterShape(one.node_types * 3, autoscaling=False, source="now", nodes_alive=3)
+    check_shared(one, "sqlite:///mlflow.db", "runs")
+    check_shared(three, "http://head:5000", "s3://bucket/runs")
+    with pytest.raises(ValueError, match="is a file on this machine.*MLFLOW_TRACKING_URI"):
+        check_shared(three, "sqlite:////tmp/mlflow.db", "s3://bucket/runs")
+    with pytest.raises(ValueError, match="workdir /tmp/runs is a local path.*s3://"):
+        check_shared(three, "http://head:5000", "/tmp/runs")

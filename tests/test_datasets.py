@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from ensemble.data.augment import build_augment
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
-from ensemble.data.datasets import BagDataset, CellDataset
+from ensemble.data.datasets import BagDataset, CellDataset, ImageChunks, make_loader
 from ensemble.data.synthetic import simulate
 
 
@@ -89,3 +89,65 @@ def test_datasets_apply_the_transform_per_cell(store):
     data = BagDataset(store, bag_size=4, transform=build_augment(1.0))
     bag = data[0]
     assert bag["cells"].shape == (4, 4, 16, 16) and bag["cells"].dtype == torch.float32
+
+
+def test_bags_differ_between_epochs_in_persistent_worker_processes(store):
+    """set_epoch() in the training process reaches workers that hold their own copy of the dataset."""
+    data = BagDataset(store, bag_size=3, train=True, seed=2)
+    assert (data.counts > 3).any(), "some image must have more cells than a bag"
+    loader = make_loader(data, batch_size=4, workers=2, persistent=True)
+    epochs = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        rows = torch.cat([batch["rows"] for batch in loader])
+        # What this process draws for the epoch is what the workers drew.
+        np.testing.assert_array_equal(rows.numpy(), np.stack([data[i]["rows"].numpy() for i in range(len(data))]))
+        epochs.append(rows)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def test_image_chunks_hold_whole_images_and_every_cell_once(store):
+    chunks = ImageChunks(store, folds=[1], max_cells=10)
+    fold_rows = np.flatnonzero(store.cells["fold"].to_numpy() == 1)
+    np.testing.assert_array_equal(chunks.rows, fold_rows)
+    ids = store.cells["image_id"].to_numpy()[fold_rows]
+    covered = []
+    for item in chunks:
+        start, stop, counts = item["start"], item["stop"], item["counts"]
+        assert counts.sum() == stop - start and (stop - start <= 10 or len(counts) == 1)
+        assert start == 0 or ids[start] != ids[start - 1], "a chunk starts with an image's first cell"
+        np.testing.assert_array_equal(item["crops"].numpy(), store.crops(fold_rows[start:stop]))
+        covered.extend(range(start, stop))
+    assert covered == list(range(len(fold_rows)))
+
+
+@pytest.fixture
+def s3_store(store, monkeypatch, tmp_path):
+    """The store, uploaded to a local S3 server (moto): read through s3fs, an async fsspec filesystem."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("cells")
+    fs.put(store.uri, "cells/store", recursive=True)
+    yield CellStore("s3://cells/store")
+    server.stop()
+
+
+def test_remote_store_is_read_in_worker_processes(store, s3_store):
+    """A forked worker cannot use its parent's s3fs instance: each worker opens the store anew."""
+    remote = CellDataset(s3_store, folds=[0])
+    local = CellDataset(store, folds=[0])
+    remote[0]  # the parent has used its filesystem before the workers fork
+    images = torch.cat([batch["image"] for batch in make_loader(remote, batch_size=16, workers=2)])
+    np.testing.assert_array_equal(images.numpy(), np.stack([local[i]["image"].numpy() for i in range(len(local))]))

@@ -42,7 +42,7 @@ def store(cluster, small_dataset, tmp_path_factory) -> str:
     node = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     uri = str(tmp_path_factory.mktemp("store") / "store")
-    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, num_workers=2, progress=False)
+    prepare(str(small_dataset), uri, cell_size=32, n_folds=3, max_workers=2, progress=False)
     cluster.remove_node(node)
     return uri
 

@@ -1,6 +1,7 @@
-"""Predicting a folder of images in process, the submission file, bad images, the integrity hook,
-and evaluation against the simulator's cell truth. (The Ray path runs in test_registry.py, on the
-registered model, where Ray is up already.)"""
+"""Predicting a folder of images in process, given masks instead of segmenting, the submission
+file, bad images, the integrity hook, models saved in the old (pickled) form, and evaluation
+against the simulator's cell truth. (The Ray path runs in test_registry.py, on the registered
+model, where Ray is up already; the streaming evaluation's own cases in test_evaluate.py.)"""
 
 from __future__ import annotations
 
@@ -9,22 +10,26 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from ensemble.cli_product import add_commands
 from ensemble.data.hpa import read_image, read_truth
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
-from ensemble.evaluate import evaluate, prediction_members
+from ensemble.evaluate import COUNTS, evaluate, prediction_members
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.predict import PredictResult, predict_images, write_predictions
 from ensemble.oof import CELL_COLUMNS
 from ensemble.registry import save_ensemble
 from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
-from ensemble.submission import encode_mask, read_submission
+from ensemble.serving_io import SERVING_COLUMNS
+from ensemble.submission import decode_mask, encode_mask, read_submission
 from test_registry import tiny_members, tiny_spec
 
 PREPROCESSING = Preprocessing(create_segmenter("classical").describe(), cell_size=32)
@@ -91,29 +96,85 @@ def test_local_predict_skips_bad_images_and_writes_one_row_per_cell(local, image
 
 def test_model_registered_in_the_old_form_still_loads_and_predicts_the_same(model_dir, images, local, tmp_path,
                                                                           monkeypatch):
-    """Models saved before serving.py and the one name cell_size: the pickle names
-    ensemble.registry.EnsembleModel, config.json says crop_size, image_size and placement in train."""
-    import cloudpickle
-
+    """Models saved before models from code, serving.py and the one name cell_size: a pickled
+    python_model named ensemble.registry.EnsembleModel, no code of their own, the old input
+    signature (image_id, root[, split]); config.json says crop_size, image_size and placement in train."""
     from ensemble.serving import EnsembleModel
 
-    old = tmp_path / "old"
-    shutil.copytree(model_dir, old)
-    monkeypatch.setattr(EnsembleModel, "__module__", "ensemble.registry")
-    pickled = cloudpickle.dumps(EnsembleModel())
-    monkeypatch.undo()
-    assert b"ensemble.registry" in pickled
-    (old / "python_model.pkl").write_bytes(pickled)
-    config_path = next(old.rglob("config.json"))
-    config = json.loads(config_path.read_text())
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(Path(model_dir) / "artifacts", artifacts)
+    config = json.loads((artifacts / "config.json").read_text())
     config["preprocessing"]["crop_size"] = config["preprocessing"].pop("cell_size")
     for member in config["members"].values():
         member["image_size"] = member.pop("cell_size")
         member["train"].update(member.pop("placement"))
-    config_path.write_text(json.dumps(config))
+    (artifacts / "config.json").write_text(json.dumps(config))
+    old = tmp_path / "old"
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "image_id"), ColSpec("string", "root"),
+                                              ColSpec("string", "split", required=False)]))
+    monkeypatch.setattr(EnsembleModel, "__module__", "ensemble.registry")
+    mlflow.pyfunc.save_model(str(old), python_model=EnsembleModel(), signature=signature, pip_requirements=[],
+                             artifacts={name: str(artifacts / file) for name, file in (
+                                 ("config", "config.json"), ("ensemble_spec", "ensemble_spec.json"), ("members", "members"))})
+    monkeypatch.undo()
+    assert b"ensemble.registry" in (old / "python_model.pkl").read_bytes()
+    assert not (old / "code").exists() and "model_code_path" not in (old / "MLmodel").read_text()
     again = predict_images(str(old), images, out=tmp_path / "preds.parquet", engine="local", batch_size=3,
                            progress=False)
     pd.testing.assert_frame_equal(again.cells, local.cells)
+    served = mlflow.pyfunc.load_model(str(old)).predict(pd.DataFrame({"image_id": ["sim2-00000"], "root": str(images)}))
+    assert list(served.columns) == SERVING_COLUMNS
+    expected = local.cells[local.cells["image_id"] == "sim2-00000"]
+    np.testing.assert_allclose(served[list(CLASS_NAMES)].to_numpy(), expected[CELL_COLUMNS].to_numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def given_masks(images, tmp_path_factory) -> Path:
+    """Given masks of three images: two the truth's, one of the wrong size (the fourth has none)."""
+    folder = tmp_path_factory.mktemp("masks")
+    for image_id in ("sim2-00000", "sim2-00001"):
+        shutil.copyfile(images / "truth" / "masks" / f"{image_id}.png", folder / f"{image_id}.png")
+    Image.fromarray(np.ones((100, 120), np.uint16)).save(folder / "sim2-00002.png")
+    return folder
+
+
+def test_given_masks_replace_the_segmentation_and_bad_ones_are_reported(model_dir, images, given_masks):
+    ids = [f"sim2-{i:05d}" for i in range(4)]
+    result = predict_images(model_dir, images, ids, engine="local", progress=False, masks=str(given_masks))
+    skipped = dict(result.report.skipped)
+    assert set(skipped) == {"sim2-00002", "sim2-00003"} and result.report.n_ok == 2
+    assert "is 120x100 (WxH), the image 256x256" in skipped["sim2-00002"]
+    assert "sim2-00003.png" in skipped["sim2-00003"] and "not found" in skipped["sim2-00003"]
+    for image_id in ("sim2-00000", "sim2-00001"):
+        mask = np.asarray(Image.open(given_masks / f"{image_id}.png"))
+        rows = result.cells[result.cells["image_id"] == image_id]
+        assert sorted(rows["cell_id"]) == sorted(set(np.unique(mask)) - {0}), "the given cells, ids kept"
+        for cell_id, rle in zip(rows["cell_id"], rows["rle"]):
+            np.testing.assert_array_equal(decode_mask(rle, *mask.shape), mask == cell_id)
+
+
+def test_masks_auto_takes_the_datasets_masks_folder(model_dir, images, given_masks, tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "test").mkdir(parents=True)
+    for channel in CHANNELS:
+        shutil.copyfile(images / "test" / f"sim2-00001_{channel}.png", root / "test" / f"sim2-00001_{channel}.png")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    command = ["predict", str(root), "--model", model_dir, "--out", str(tmp_path / "p.parquet"), "--engine", "local",
+               "--masks", "auto"]
+    args = parser.parse_args(command)
+    assert args.func(args) == 0
+    segmented = pd.read_parquet(tmp_path / "p.parquet")  # no masks/ folder: auto segments
+    shutil.copytree(given_masks, root / "masks")
+    args = parser.parse_args(command)
+    assert args.func(args) == 0
+    given = pd.read_parquet(tmp_path / "p.parquet")
+    mask = np.asarray(Image.open(given_masks / "sim2-00001.png"))
+    assert sorted(given["cell_id"]) == sorted(set(np.unique(mask)) - {0})
+    assert not given[["cell_id", "rle"]].equals(segmented[["cell_id", "rle"]])
+    args = parser.parse_args([*command[:-1], str(tmp_path / "absent")])
+    with pytest.raises(ValueError, match="mask folder .* does not exist"):
+        args.func(args)
 
 
 def test_submission_decodes_to_the_segmented_cell_masks(local, images, model_dir, tmp_path):
@@ -172,7 +233,7 @@ def test_evaluate_scores_perfect_predictions_one_in_both_formats(images, tmp_pat
     for path in (tmp_path / "perfect.parquet", tmp_path / "perfect.csv"):
         result = evaluate(path, images)
         assert result.cell.map == pytest.approx(1.0) and result.competition.map == pytest.approx(1.0)
-        assert result.matched == 1.0 and result.n_images == 4
+        assert result.matched == 1.0 and result.n_images == 4 and result.n_missed == 0
         scored = result.per_class.dropna(subset=["cell_ap"])
         assert set(scored.index) <= set(CLASS_NAMES) and len(scored) > 0
         assert (scored["true_cells"] > 0).all()
@@ -193,6 +254,8 @@ def test_cli_predicts_and_evaluates_a_folder(model_dir, images, tmp_path, capsys
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "competition mAP" in printed and "Nucleoplasm" in printed and (tmp_path / "ap.png").exists()
+    assert "4 images with truth, 2 of them without any predicted cell" in printed, "the images not predicted"
+    assert COUNTS in printed
 
 
 def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images, tmp_path):
@@ -208,6 +271,6 @@ def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images
     mean = np.mean([cells[[f"{n}.{c}" for c in cell_only]].to_numpy() for n in names], axis=0)
     np.testing.assert_allclose(cells[cell_only].to_numpy(), mean, rtol=1e-5, atol=1e-6)
     scores = {n: evaluate(out, images, member=n, plot=tmp_path / f"{n}.png") for n in names}
-    assert all(0 <= s.cell.map <= 1 and s.n_images == 2 for s in scores.values())
+    assert all(0 <= s.cell.map <= 1 and s.n_images == 4 and s.n_missed == 2 for s in scores.values())
     with pytest.raises(ValueError, match="no column"):
         evaluate(out, images, member="not-a-member")

@@ -1,6 +1,8 @@
 """The registered ensemble: checkpoints from training runs, the MLflow registry (SQLite and a real
-server), a fresh process loading ``models:/hpa-ensemble@champion``, the Ray prediction pipeline on
-it, and inference that reproduces the training-time prediction path cell for cell."""
+server), promotion by score and the tags each version carries, evaluation logged against a
+version, a fresh process loading ``models:/hpa-ensemble@champion`` (with the code the model
+carries), the Ray prediction pipeline on it, and inference that reproduces the training-time
+prediction path cell for cell. (``mlflow models serve`` runs in test_serving.py.)"""
 
 from __future__ import annotations
 
@@ -28,17 +30,19 @@ from PIL import Image
 
 from ensemble import tracking
 from ensemble.cli_product import add_commands
+from ensemble.governance import VersionScores, decide_promotion, list_versions
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_image
 from ensemble.data.synthetic import simulate
-from ensemble.labels import CHANNELS
+from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.predict import predict_images
 from ensemble.models import build_model
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
 from ensemble.registry import MemberCheckpoints, member_checkpoints, register_ensemble
 from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
-from ensemble.selectors import apply_spec, make_synthetic_oof, select_ensemble
+from ensemble.selectors import MethodScore, apply_spec, make_synthetic_oof, select_ensemble
+from ensemble.serving_io import SERVING_COLUMNS
 from ensemble.submission import decode_mask
 from ensemble.trainers.loop import predict_fold
 from ensemble.zoo import ModelSpec
@@ -76,6 +80,11 @@ def tiny_spec(**changes):
     assert sorted(spec.members.values()) == sorted(MODEL_SPECS)
     assert {r.rule for r in spec.fusion.values()} == {"product", "cell"}, "both fusion rules are exercised"
     return dataclasses.replace(spec, **changes)
+
+
+def scored(spec, nested: float):
+    """``spec`` as if its nested selection had scored the ensemble ``nested``."""
+    return dataclasses.replace(spec, scores={**spec.scores, "hcpl": MethodScore(in_sample=nested, nested_mean=nested)})
 
 
 class MlflowServer:
@@ -153,7 +162,8 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     for name, member in members.items():
         for fold, path in member.folds.items():
             tags = {tracking.TAG_KIND: "job", tracking.TAG_MODEL: name, tracking.TAG_FOLD: str(fold),
-                    tracking.TAG_SPEC: member.spec.fingerprint(), tracking.TAG_HEAD: member.spec.head}
+                    tracking.TAG_SPEC: member.spec.fingerprint(), tracking.TAG_HEAD: member.spec.head,
+                    tracking.TAG_ZOO: "tiny", tracking.TAG_FINGERPRINT: "data-0123"}
             run = client.create_run(experiment_id, run_name=f"tiny-{name}-fold{fold}", tags=tags)
             client.log_param(run.info.run_id, "store", store)
             client.log_artifact(run.info.run_id, str(path), artifact_path="checkpoint")
@@ -197,16 +207,101 @@ def test_member_checkpoints_fetch_every_fold_of_the_latest_runs(trained, registe
         member_checkpoints("tiny", ["absent"], trained.uri, dst=trained.tmp / "none")
 
 
-def test_register_points_the_alias_at_each_new_version(trained, registered):
+def test_a_version_records_what_it_is_and_the_first_becomes_champion(trained, registered):
     client = MlflowClient(trained.uri)
     assert client.get_model_version_by_alias(NAME, "champion").version == registered.version.version
     run = client.get_run(registered.version.run_id)
     assert run.data.tags[tracking.TAG_KIND] == "register"
-    assert run.data.params["members"] == ",".join(registered.spec.groups["image_stream"] + registered.spec.groups["cell_level"])
-    again = register_ensemble(registered.spec, registered.members, Preprocessing.from_store(trained.store),
-                              tracking_uri=trained.uri, experiment="tiny")
-    assert int(again.version) == int(registered.version.version) + 1
-    assert client.get_model_version_by_alias(NAME, "champion").version == again.version
+    members = ",".join(registered.spec.groups["image_stream"] + registered.spec.groups["cell_level"])
+    assert run.data.params["members"] == members
+    tags = registered.version.tags
+    assert tags[tracking.TAG_ZOO] == "tiny" and tags[tracking.TAG_FINGERPRINT] == "data-0123", "from the training runs"
+    assert tags[tracking.TAG_MEMBERS] == members and tags[tracking.TAG_CODE_VERSION].startswith("0.1.0")
+    assert tracking.TAG_NESTED_SCORE not in tags, "selected without nested scoring: no score is made up"
+    assert tags[tracking.TAG_PROMOTION] == "@champion: no champion before"
+
+
+def test_promotion_compares_scores_with_the_champion(trained, registered, tmp_path, capsys):
+    """A worse version does not take champion; ``always`` overrides; ``never`` never moves it."""
+    client = MlflowClient(trained.uri)
+    name = "governed 'ensemble'"  # a quote in the name: the registry's filters must quote it right
+
+    def register(nested, promote="if-better"):
+        version = register_ensemble(scored(registered.spec, nested), registered.members,
+                                    Preprocessing.from_store(trained.store), tracking_uri=trained.uri, name=name,
+                                    experiment="tiny", promote=promote)
+        return version.version, client.get_model_version_by_alias(name, "champion").version
+
+    first, champion = register(0.40)
+    assert champion == first
+    worse, champion = register(0.35)
+    assert champion == first
+    assert client.get_model_version(name, worse).tags[tracking.TAG_PROMOTION] == \
+        f"not @champion: not better than champion v{first}: nested 0.3500 vs 0.4000"
+    forced, champion = register(0.35, promote="always")
+    assert champion == forced
+    kept, champion = register(0.90, promote="never")
+    assert champion == forced, "never leaves the champion, however good the new version"
+    better, champion = register(0.36)
+    assert champion == better and "better than champion" in client.get_model_version(name, better).tags["promotion"]
+
+    table = list_versions(name, trained.uri)
+    assert list(table["version"]) == [int(v) for v in (better, kept, forced, worse, first)]
+    assert list(table["nested"]) == [0.36, 0.90, 0.35, 0.35, 0.40]
+    assert table.set_index("version")["aliases"].to_dict()[int(better)] == "champion"
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["models", "--name", name, "--tracking-uri", trained.uri])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "champion" in printed and "0.9000" in printed and "nested" in printed
+
+
+@pytest.mark.parametrize("new, champion, promoted, reason", [
+    (VersionScores(0.5), None, True, "no champion before"),
+    (VersionScores(0.5), VersionScores(), True, "champion v1 carries no score"),
+    (VersionScores(), VersionScores(0.4), False, "no score to compare with champion v1"),
+    (VersionScores(0.5), VersionScores(0.5), False, "not better than champion v1: nested 0.5000 vs 0.5000"),
+    # Measured on the same test set, the test score counts too: better nested, worse test.
+    (VersionScores(0.5, 0.70, "t1"), VersionScores(0.4, 0.75, "t1"), False,
+     "not better than champion v1: nested 0.5000 vs 0.4000, test 0.7000 vs 0.7500"),
+    (VersionScores(0.5, 0.80, "t1"), VersionScores(0.4, 0.75, "t1"), True,
+     "better than champion v1: nested 0.5000 vs 0.4000, test 0.8000 vs 0.7500"),
+    # Test scores of different test sets are not compared.
+    (VersionScores(0.5, 0.70, "t2"), VersionScores(0.4, 0.75, "t1"), True, "better than champion v1: nested 0.5000 vs 0.4000"),
+    (VersionScores(0.4, 0.80, "t1"), VersionScores(None, 0.75, "t1"), True, "better than champion v1: test 0.8000 vs 0.7500"),
+])
+def test_if_better_compares_the_scores_both_versions_carry(new, champion, promoted, reason):
+    assert decide_promotion("if-better", new, champion, "1") == (promoted, reason)
+    assert decide_promotion("always", new, champion, "1")[0] and not decide_promotion("never", new, champion, "1")[0]
+    with pytest.raises(ValueError, match="promote must be one of"):
+        decide_promotion("sometimes", new, champion, "1")
+
+
+def test_evaluate_logs_its_scores_against_the_version(trained, registered, new_images, tmp_path, capsys):
+    mlflow.set_tracking_uri(trained.uri)
+    out = tmp_path / "preds.parquet"
+    predict_images(CHAMPION, new_images.root, new_images.good, out=out, engine="local", progress=False)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", str(out), str(new_images.root), "--model-version", "champion",
+                              "--tracking-uri", trained.uri])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(trained.uri)
+    version = client.get_model_version_by_alias(NAME, "champion")
+    run = client.get_run(version.tags[tracking.TAG_TEST_RUN])
+    assert f"logged to MLflow run {run.info.run_id} against {NAME} version {version.version}" in printed
+    assert run.data.tags[tracking.TAG_KIND] == "evaluate" and run.data.tags[tracking.TAG_MODEL_VERSION] == str(version.version)
+    assert run.data.tags[tracking.TAG_REGISTERED_MODEL] == NAME
+    assert run.info.experiment_id == client.get_run(version.run_id).info.experiment_id, "beside the registering run"
+    metrics = run.data.metrics
+    assert 0 <= metrics["competition_map"] <= 1 and metrics["n_images"] == 2 and metrics["n_missed_images"] == 0
+    assert float(version.tags[tracking.TAG_TEST_SCORE]) == pytest.approx(metrics["competition_map"], abs=1e-6)
+    assert float(version.tags[tracking.TAG_TEST_CELL_MAP]) == pytest.approx(metrics["cell_map"], abs=1e-6)
+    assert any(name.startswith("competition_ap/") for name in metrics)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/preds_per_class_ap.png", "evaluation/per_class_ap.csv", "evaluation/report.txt"} <= logged
 
 
 def test_registration_refuses_incomplete_ensembles(trained, registered):
@@ -250,7 +345,9 @@ def test_inference_reproduces_the_training_crops_and_predictions(trained, regist
     np.testing.assert_array_equal(segmented.crops, store.crops(np.arange(rows.start, rows.stop)))
 
     frame = pd.DataFrame({"image_id": ids, "root": str(trained.root), "split": "train"})
-    out = champion.predict(frame)
+    served = champion.predict(frame)
+    assert list(served.columns) == SERVING_COLUMNS, "the served output names each probability by its class"
+    out = served.rename(columns=dict(zip(CLASS_NAMES, CELL_COLUMNS)))
     assert list(out.columns) == OUTPUT_COLUMNS
     assert (out[CELL_COLUMNS].dtypes == np.float32).all() and out["integrity"].dtype == np.float32
     assert (out["integrity"] == 1).all(), "no integrity model: every cell weighs 1"
@@ -276,6 +373,8 @@ FRESH_PROCESS = textwrap.dedent("""
         frame = pd.DataFrame({"image_id": ids, "root": root, "split": "test"})
         model.predict(frame).to_parquet(f"{out}/from_{i}.parquet")
         print(json.dumps(model.unwrap_python_model().last_report.skipped))
+    import ensemble
+    print(ensemble.__file__)  # where the code came from: the first model's own copy
 """)
 
 
@@ -291,15 +390,19 @@ def test_a_fresh_process_loads_the_champion_from_sqlite_and_from_a_server(traine
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    skipped = [json.loads(line) for line in done.stdout.splitlines()[-2:]]
+    *lines, code_file = done.stdout.splitlines()
+    skipped = [json.loads(line) for line in lines[-2:]]
     assert [[image_id for image_id, _ in s] for s in skipped] == [["bad-truncated"]] * 2
+    # Nothing had imported the package, so it came from the model's code_paths, not this checkout.
+    assert Path(code_file).parts[-3:] == ("code", "ensemble", "__init__.py")
+    assert not Path(code_file).is_relative_to(Path(__file__).parents[1])
     from_sqlite = pd.read_parquet(trained.tmp / "from_0.parquet")
     from_server = pd.read_parquet(trained.tmp / "from_1.parquet")
     assert len(from_sqlite) > 0 and set(from_sqlite["image_id"]) == set(new_images.good)
     pd.testing.assert_frame_equal(from_sqlite, from_server)
     mlflow.set_tracking_uri(trained.uri)
     here = load_ensemble(CHAMPION).predict_arrays({i: read_image(new_images.root, i, "test") for i in new_images.good})
-    pd.testing.assert_frame_equal(from_sqlite[CELL_COLUMNS], here[CELL_COLUMNS], atol=1e-6)
+    np.testing.assert_allclose(from_sqlite[list(CLASS_NAMES)].to_numpy(), here[CELL_COLUMNS].to_numpy(), atol=1e-6)
 
 
 def test_ray_pipeline_predicts_like_the_local_path(trained, registered, new_images):
@@ -322,5 +425,5 @@ def test_cli_registers_from_an_experiment(trained, tmp_path, capsys):
     args = parser.parse_args(["register", "--experiment", "tiny", "--spec", str(spec_path), "--name", "cli-ensemble",
                               "--tracking-uri", trained.uri])
     assert args.func(args) == 0
-    assert "registered cli-ensemble version 1 as @champion" in capsys.readouterr().out
+    assert "registered cli-ensemble version 1: @champion: no champion before" in capsys.readouterr().out
     assert int(MlflowClient(trained.uri).get_model_version_by_alias("cli-ensemble", "champion").version) == 1

@@ -8,19 +8,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from ensemble import tracking
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
+from ensemble.models import build_model
 from ensemble.serving import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
 from ensemble.pipeline import select_step, train_all
-from ensemble.zoo import IntegritySettings, RelabelSettings, SpecError, load_zoo
+from ensemble.trainers import loop
+from ensemble.zoo import IntegritySettings, ModelSpec, RelabelSettings, SpecError, TrainSettings, load_zoo
 from ensemble.trainers.sweep import load_search_space, sweep
 from ensemble.trainers.zoo import train_zoo
 
@@ -133,6 +136,8 @@ def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     first = fit_job(spec, 2, ctx)
     changed = fit_job(dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=3e-3)), 2, ctx)
     assert not changed.skipped and changed.run_id != first.run_id
+    # Trained, not resumed from the first spec's last checkpoint (the Ray run has the same name).
+    assert len(MlflowClient(ctx.tracking_uri).get_metric_history(changed.run_id, "val_map")) == 1
     # Where a job runs is not what it learns: other placement finds the finished job.
     moved = fit_job(dataclasses.replace(spec, placement=dataclasses.replace(spec.placement, cpus_per_worker=0.5,
                                                                             in_memory=False)), 2, ctx)
@@ -231,3 +236,86 @@ def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_pat
     mlflow.set_tracking_uri(uri)
     model = load_ensemble("models:/hpa-ensemble@champion")
     assert model.integrity is not None and model.spec.integrity_weighting
+
+
+def test_predict_fold_reads_with_worker_processes_and_predicts_the_same(store, monkeypatch):
+    monkeypatch.setattr(loop, "PREDICT_CHUNK_CELLS", 24)  # several chunks for the workers to share
+    cells = CellStore(store)
+    for spec in (ModelSpec(name="d", head="dsa", backbone="test_resnet", cell_size=32, cells_per_image=4),
+                 ModelSpec(name="c", head="cla", backbone="test_efficientnet", cell_size=32)):
+        torch.manual_seed(0)
+        network = build_model(spec)
+        alone = loop.predict_fold(network, cells, 2, spec, torch.device("cpu"))
+        read_by_workers = loop.predict_fold(network, cells, 2, spec, torch.device("cpu"), workers=2)
+        pd.testing.assert_frame_equal(read_by_workers, alone, check_exact=True)
+        assert_complete_oof(alone, cells, [2])
+
+
+def test_loader_workers_and_a_timm_optimizer_from_the_zoo_train_a_job(tmp_path, store, tiny_zoo_file):
+    zoo_file = tmp_path / "adamw.yaml"
+    zoo = yaml.safe_load(tiny_zoo_file.read_text())
+    zoo["train"].update(epochs=3, optimizer="adamw", warmup_epochs=1, patience=9)
+    zoo["placement"].update(loader_workers=2)
+    zoo_file.write_text(yaml.safe_dump(zoo))
+    spec = load_zoo(zoo_file).model("dsa_tiny")
+    assert type(loop.build_optimizer(build_model(spec), spec.train)[0]) is torch.optim.AdamW
+    ctx = context(tmp_path, store)
+    summary = trainer_for(spec, 0, ctx).fit().return_value
+    # timm's warm-up from 1e-5 for one epoch, then the cosine over the 3 epochs
+    lr = spec.train.lr
+    np.testing.assert_allclose([h["lr"] for h in summary["history"]],
+                               [1e-5, lr * (1 + np.cos(np.pi / 3)) / 2, lr * (1 + np.cos(2 * np.pi / 3)) / 2])
+    oof = read_parquet(oof_uri(ctx.workdir, spec.name, 0))
+    cells = CellStore(store)
+    assert_complete_oof(oof, cells, [0])
+    # The same table as an in-process prediction writes: columns, types, row order.
+    reference = loop.predict_fold(build_model(spec), cells, 0, spec, torch.device("cpu"))
+    assert list(oof.columns) == list(reference.columns) and (oof.dtypes == reference.dtypes).all()
+    pd.testing.assert_frame_equal(oof[["image_id", "cell_id", "fold"]], reference[["image_id", "cell_id", "fold"]])
+
+
+def test_resumed_job_continues_the_optimiser_and_schedule(tmp_path):
+    settings = TrainSettings(epochs=5, lr=1e-3, optimizer="adamw", warmup_epochs=2)
+    spec = ModelSpec(name="c", head="cla", backbone="test_efficientnet", cell_size=32, train=settings)
+    batch = torch.rand(4, 4, 32, 32)
+
+    def epoch(model, optimizer, scheduler, e):  # as the loop: train at the optimiser's lr, then step the schedule
+        lr = optimizer.param_groups[0]["lr"]
+        model(batch).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(e + 1)
+        return lr
+
+    torch.manual_seed(0)
+    model = build_model(spec)
+    optimizer, scheduler = loop.build_optimizer(model, settings)
+    uninterrupted = [epoch(model, optimizer, scheduler, e) for e in range(settings.epochs)]
+    weights = model.state_dict()
+
+    torch.manual_seed(0)
+    model = build_model(spec)
+    optimizer, scheduler = loop.build_optimizer(model, settings)
+    resumed = [epoch(model, optimizer, scheduler, e) for e in range(2)]
+    loop.save_state(tmp_path, model, optimizer, scheduler, {"epoch": 2}, {}, {})
+    model = build_model(spec)  # a new worker: fresh weights, optimiser and schedule (lr back at 1e-5)
+    optimizer, scheduler = loop.build_optimizer(model, settings)
+    state, _ = loop.restore_state(tmp_path, model, optimizer, scheduler)
+    assert state == {"epoch": 2} and scheduler.state_dict() == torch.load(tmp_path / "state.pt")["scheduler"]
+    resumed += [epoch(model, optimizer, scheduler, e) for e in range(state["epoch"], settings.epochs)]
+    assert resumed == uninterrupted and uninterrupted[0] == 1e-5 < uninterrupted[2]
+    for name, value in model.state_dict().items():  # the optimiser's moments came back too
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_unknown_optimizer_or_schedule_fails_when_the_zoo_is_loaded(tmp_path):
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text("train: {optimizer: adamm}\nmodels:\n  - {name: a, head: cla, backbone: test_resnet}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: models\[0\]\.train: optimizer: 'adamm' is not a timm optimizer"):
+        load_zoo(bad)
+    bad.write_text("models:\n  - {name: a, head: cla, backbone: test_resnet, train: {schedule: cosin}}\n")
+    with pytest.raises(SpecError, match=r"zoo\.yaml: models\[0\]\.train: schedule: 'cosin' is not one of"):
+        load_zoo(bad)
+    bad.write_text("train: {optimizer: lookahead_adamw, schedule: wsd, warmup_epochs: 1}\n"
+                   "models:\n  - {name: a, head: cla, backbone: test_resnet}\n")
+    assert load_zoo(bad).models[0].train.optimizer == "lookahead_adamw"

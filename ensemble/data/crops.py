@@ -111,7 +111,9 @@ def process_image(
 ) -> ImageCells:
     """Read, segment (or take the given mask), measure and crop one image.
 
-    A bad image does not raise: the result carries its ``error`` and no cells.
+    A bad image does not raise: the result carries its ``error`` and no cells. Its truth is
+    checked here too (a missing or misshapen truth mask of an image the truth table lists), so
+    bad truth skips the image and names it rather than ending the whole build.
 
     Parameters
     ----------
@@ -125,39 +127,48 @@ def process_image(
         Ground truth: adds ``truth_labels``, ``truth_iou``, ``truth_captured``.
     features : FeatureSettings, optional
     """
+    true_mask = None
     try:
         image = hpa.read_image(root, image_id, split)
         given = hpa.read_given_mask(root, image_id)
         if given is not None and given.shape != image.shape[:2]:
             raise hpa.DatasetError(f"mask of {image_id!r} has shape {given.shape}, image {image.shape[:2]}")
+        if truth is not None and len(truth.cell_labels(image_id)[0]):
+            true_mask = truth.mask(image_id)
+            if true_mask.shape != image.shape[:2]:
+                raise hpa.DatasetError(f"{truth.root}/masks/{image_id}.png: truth mask of shape {true_mask.shape}, "
+                                       f"image {image.shape[:2]}")
     except hpa.DatasetError as error:
         # A blank 1-pixel image yields the cell table's columns, typed and empty.
         image, cells, reason = np.zeros((1, 1, len(CHANNELS)), np.float32), np.zeros((1, 1), np.uint16), str(error)
+        true_mask = None
     else:
         cells = (from_given_mask(image, given) if given is not None else segmenter(image)).cells
         reason = None
     table, crops = cut_cells(image, cells, cell_size, features)
     truth_labels = None
     if truth is not None:
-        truth_labels = _attach_truth(table, cells, truth, image_id)
+        truth_labels = _attach_truth(table, cells, truth, image_id, true_mask)
     return ImageCells(image_id, table, crops, truth_labels, reason)
 
 
-def _attach_truth(table: pd.DataFrame, cells: np.ndarray, truth: hpa.Truth, image_id: str) -> np.ndarray:
+def _attach_truth(table: pd.DataFrame, cells: np.ndarray, truth: hpa.Truth, image_id: str,
+                  true_mask: np.ndarray | None) -> np.ndarray:
     """Add ``truth_iou``/``truth_captured`` to ``table``; return the (n, 19) truth labels.
 
     A segmented cell takes the labels of the true cell it matches at IoU >= 0.5 (NaN if none).
     ``truth_captured`` is the share of that true cell which is both in the image (the truth's
     ``captured``) and inside the segmented cell: what the VID's capture-ratio model predicts.
+    ``true_mask`` is None for an image without true cells.
     """
     n = len(table)
     labels = np.full((n, NUM_CLASSES), np.nan, np.float32)
     table["truth_iou"] = np.zeros(n, np.float32)
     table["truth_captured"] = np.zeros(n, np.float32)
     true_ids, true_labels = truth.cell_labels(image_id)
-    if n == 0 or len(true_ids) == 0:
+    if n == 0 or true_mask is None:
         return labels
-    matches = match_cells(cells, truth.mask(image_id), iou=TRUTH_IOU)
+    matches = match_cells(cells, true_mask, iou=TRUTH_IOU)
     rows = pd.Index(true_ids).get_indexer(matches.true_id)  # -1: background or unlabelled cell
     known = rows >= 0
     captured = np.ones(len(true_ids))

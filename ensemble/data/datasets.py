@@ -1,8 +1,12 @@
-"""PyTorch datasets over a cell store: single cells (CLA, CLH) and bags of an image's cells (DSA).
+"""PyTorch datasets over a cell store: single cells (CLA, CLH), bags of an image's cells (DSA),
+and whole images' cells in chunks (prediction).
 
 Crops are read by row from the store's shards without loading whole shards; the store's file
-handles are opened lazily and never pickled, so every DataLoader worker opens its own. With
-``in_memory=True`` the selected crops are read once up front instead (fast for small stores).
+handles are opened lazily and never pickled. DataLoader workers are forked with a copy of the
+dataset, handles included, and a remote (fsspec async) filesystem refuses to run in a forked
+process: :func:`make_loader` starts each worker with :func:`worker_init`, which gives it a store
+of its own. With ``in_memory=True`` the selected crops are read once up front instead (fast for
+small stores).
 
 A ``transform`` is an albumentations-style callable, ``transform(image=hwc)["image"]``, applied to
 each (S, S, 4) crop before it becomes a (4, S, S) float32 tensor in [0, 1]
@@ -11,11 +15,12 @@ each (S, S, 4) crop before it becomes a (4, S, S) float32 tensor in [0, 1]
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ensemble.data.store import CellStore
 
@@ -29,6 +34,16 @@ def _fold_rows(store: CellStore, folds: Iterable[int] | None) -> np.ndarray:
     if folds is None:
         return np.arange(len(store), dtype=np.int64)
     return np.flatnonzero(np.isin(store.table.column("fold").to_numpy(), list(folds))).astype(np.int64)
+
+
+def _image_runs(store: CellStore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images of ``rows`` (store order): their ids, and the position and number of each one's cells in ``rows``.
+
+    Cells of an image are contiguous in the store, so an image is a run of equal ids.
+    """
+    ids = store.table.column("image_id").to_numpy(zero_copy_only=False)[rows]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    return ids[starts], starts, np.diff(np.r_[starts, len(ids)])
 
 
 class _Crops:
@@ -149,21 +164,27 @@ class BagDataset(Dataset):
         self.store = _open(store)
         self.rows = _fold_rows(self.store, folds)
         self.bag_size, self.train, self.transform, self.seed = bag_size, train, transform, seed
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers hold their own copy of the dataset, and
+        # set_epoch() in the training process must reach them.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.cell_targets = self.store.labels(labels)[self.rows]
-        # Cells of an image are contiguous in the store, so an image is a run of equal ids.
-        image_ids = self.store.table.column("image_id").to_numpy(zero_copy_only=False)[self.rows]
-        starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]]) if len(image_ids) else np.zeros(0, int)
-        self.starts, self.counts = starts, np.diff(np.r_[starts, len(image_ids)])
-        self.image_ids = image_ids[starts]
-        self.image_targets = self.store.labels("weak")[self.rows[starts]]
+        self.image_ids, self.starts, self.counts = _image_runs(self.store, self.rows)
+        self.image_targets = self.store.labels("weak")[self.rows[self.starts]]
         bags = np.ones_like(self.counts) if train else -(-self.counts // bag_size)
         self.items = [(image, k) for image, n in enumerate(bags) for k in range(n)]
         self._crops = _Crops(self.store, self.rows, in_memory)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the cell subsets of this epoch (training only)."""
-        self.epoch = epoch
+        """Choose the cell subsets of this epoch (training only); seen by DataLoader workers too.
+
+        Call it before iterating the loader for the epoch: workers read the epoch when they
+        make an item, and a loader's iterator starts prefetching as soon as it is created.
+        """
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -193,3 +214,90 @@ class BagDataset(Dataset):
             "cell_targets": torch.from_numpy(cell_targets),
             "rows": torch.from_numpy(rows),
         }
+
+
+class ImageChunks(Dataset):
+    """Every cell of the selected images, whole images at a time: the input of prediction.
+
+    Images are taken in store order and grouped into chunks of up to ``max_cells`` cells (an
+    image with more cells is a chunk of its own); an item is what one call of
+    :func:`ensemble.models.inference.predict_cells` sees, so the same chunks give the same
+    predictions however many processes read them.
+
+    Parameters
+    ----------
+    store : CellStore or str
+    folds : iterable of int, optional
+        Images of these folds (all if None).
+    max_cells : int
+
+    Items are dicts: ``crops`` (n, 4, S, S) integer tensor as stored, ``counts`` (images,) int64
+    cells per image, ``start`` and ``stop``: the chunk's cells are ``rows[start:stop]``.
+    """
+
+    def __init__(self, store: CellStore | str, folds: Iterable[int] | None = None, max_cells: int = 1024):
+        if max_cells < 1:
+            raise ValueError(f"max_cells must be >= 1, got {max_cells}")
+        self.store = _open(store)
+        self.rows = _fold_rows(self.store, folds)
+        _, starts, counts = _image_runs(self.store, self.rows)
+        ends = starts + counts
+        self.chunks = []
+        first = 0  # the chunk's first image
+        while first < len(ends):
+            start = int(starts[first])
+            last = max(first + 1, int(np.searchsorted(ends, start + max_cells, side="right")))
+            self.chunks.append((start, int(ends[last - 1]), counts[first:last]))
+            first = last
+        self._crops = _Crops(self.store, self.rows, in_memory=False)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict:
+        start, stop, counts = self.chunks[i]
+        return {"crops": torch.from_numpy(self._crops(np.arange(start, stop))), "counts": counts,
+                "start": start, "stop": stop}
+
+
+def worker_init(worker_id: int) -> None:
+    """Start a DataLoader worker with a store of its own and augmentation draws of its own.
+
+    A forked worker holds its parent's store, whose fsspec filesystem (for a remote store) refuses
+    to run in another process. A pickled copy has no handles (``CellStore`` drops them) and a new
+    filesystem (fsspec makes one per process), so the worker opens its own. Albumentations draws
+    from a generator seeded when the pipeline was built, which every forked worker would repeat:
+    each worker reseeds it from its own torch seed.
+    """
+    info = get_worker_info()
+    dataset = info.dataset
+    dataset.store = dataset._crops.store = pickle.loads(pickle.dumps(dataset.store))
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
+def make_loader(dataset: Dataset, batch_size: int | None, workers: int, pin_memory: bool = False,
+                sampler: Sampler | None = None, drop_last: bool = False, persistent: bool = False,
+                prefetch: int = 2) -> DataLoader:
+    """A DataLoader over one of these datasets, read by ``workers`` processes (0: by the caller).
+
+    Parameters
+    ----------
+    dataset : CellDataset, BagDataset or ImageChunks
+    batch_size : int or None
+        None: items as they are (ImageChunks).
+    workers : int
+    pin_memory : bool
+        Page-locked batches, so copies to a GPU can run asynchronously (``non_blocking``).
+    sampler, drop_last
+        As for ``DataLoader``.
+    persistent : bool
+        Keep the workers between epochs (the training loader: set the sampler's and the
+        dataset's epoch before each pass).
+    prefetch : int
+        Items each worker prepares ahead.
+    """
+    extra = dict(worker_init_fn=worker_init, persistent_workers=persistent, prefetch_factor=prefetch) if workers else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                      pin_memory=pin_memory, **extra)

@@ -14,7 +14,9 @@ and for tables the 1-based data row (the header is not counted) and the image ID
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from ensemble.labels import CHANNELS, NUM_CLASSES, parse_labels, to_multi_hot
+from ensemble.storage import exists, is_dir, join, list_files, name, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +66,14 @@ class Truth:
 
     Attributes
     ----------
-    root : Path
-        The ``truth`` directory.
+    root : str
+        The ``truth`` directory (a path or URL).
     cells : pandas.DataFrame
         One row per cell: ``ID``, ``cell_id`` (int), ``labels`` (list of int) and, when the CSV
         has it, ``captured`` (float).
     """
 
-    root: Path
+    root: str
     cells: pd.DataFrame
     _rows: dict[str, np.ndarray] = field(init=False, repr=False, compare=False)
 
@@ -86,7 +89,7 @@ class Truth:
 
     def mask(self, image_id: str) -> np.ndarray:
         """The (H, W) uint16 ground-truth instance mask of ``image_id`` (DatasetError if absent)."""
-        return read_png(self.root / "masks" / f"{image_id}.png").astype(np.uint16)
+        return read_png(join(self.root, "masks", f"{image_id}.png")).astype(np.uint16)
 
     def cell_labels(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Cell ids (n,) and their (n, 19) multi-hot labels for ``image_id`` (empty if none)."""
@@ -100,9 +103,9 @@ def label_matrix(labels: Iterable[Sequence[int]]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, NUM_CLASSES), dtype=np.float32)
 
 
-def channel_paths(root: str | Path, image_id: str, split: str = "train") -> list[Path]:
-    """Paths of the four channel files of one image, in :data:`CHANNELS` order."""
-    return [Path(root) / split / f"{image_id}_{channel}.png" for channel in CHANNELS]
+def channel_paths(root: str | Path, image_id: str, split: str = "train") -> list[str]:
+    """Paths (or URLs) of the four channel files of one image, in :data:`CHANNELS` order."""
+    return [join(root, split, f"{image_id}_{channel}.png") for channel in CHANNELS]
 
 
 def read_index(root: str | Path, split: str = "train") -> pd.DataFrame:
@@ -131,10 +134,9 @@ def read_index(root: str | Path, split: str = "train") -> pd.DataFrame:
         outside 0..18, an empty ID, a duplicate ID (both rows named), or neither CSV nor
         image directory present.
     """
-    root = Path(root)
-    csv_path = root / f"{split}.csv"
-    if not csv_path.exists():
-        return _list_image_ids(root / split, csv_path)
+    csv_path = join(root, f"{split}.csv")
+    if not exists(csv_path):
+        return _list_image_ids(join(root, split), csv_path)
     frame = _read_table(csv_path, ["ID", "Label"])
     frame["ID"] = frame["ID"].str.strip()
     for row, image_id in enumerate(frame["ID"]):
@@ -144,8 +146,11 @@ def read_index(root: str | Path, split: str = "train") -> pd.DataFrame:
     return pd.DataFrame({"ID": frame["ID"], "labels": _parse_label_column(csv_path, frame)})
 
 
-def read_png(path: str | Path) -> np.ndarray:
+def read_png(path: str | Path, data: bytes | None = None) -> np.ndarray:
     """Decode one single-channel PNG completely and return its raw values.
+
+    ``data``, when given, is the PNG file's bytes (a served request's), and ``path`` only names
+    them in messages.
 
     Returns
     -------
@@ -161,7 +166,7 @@ def read_png(path: str | Path) -> np.ndarray:
     # OpenCV's speed, and it says what is wrong with a bad file, where OpenCV returns None and
     # prints libpng errors to stderr.
     try:
-        with Image.open(path) as image:
+        with (io.BytesIO(data) if data is not None else open_file(path)) as file, Image.open(file) as image:
             image.load()  # decode every row now, so a truncated file fails here and not later
             mode = image.mode
             array = np.asarray(image)
@@ -169,8 +174,10 @@ def read_png(path: str | Path) -> np.ndarray:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as error:
         # Pillow raises OSError (incl. UnidentifiedImageError) for truncated or foreign data
-        # and SyntaxError for broken PNG chunks.
-        raise DatasetError(f"{path}: unreadable or truncated PNG ({error})") from None
+        # and SyntaxError for broken PNG chunks. It names a file object by its repr, whose
+        # address differs from run to run: the path already says which file.
+        reason = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", str(error))
+        raise DatasetError(f"{path}: unreadable or truncated PNG ({reason})") from None
     if mode not in _GRAYSCALE_MODES:
         raise DatasetError(f"{path}: image mode {mode!r} is not 8- or 16-bit grayscale")
     return array.astype(_GRAYSCALE_MODES[mode], copy=False)
@@ -202,19 +209,25 @@ def read_image(
         A channel file is missing, unreadable, truncated or not grayscale; channels differ in
         size (both sizes named) or in bit depth.
     """
+    paths = channel_paths(root, image_id, split)
+    return stack_channels([read_png(path) for path in paths], paths, image_id, dtype)
+
+
+def stack_channels(channels: Sequence[np.ndarray], paths: Sequence[str], image_id: str,
+                   dtype: np.dtype | type | None = np.float32) -> np.ndarray:
+    """The four decoded channels (:func:`read_png`) of one image as :func:`read_image` returns them;
+    ``paths`` name them in messages."""
     if dtype is not None and not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype must be a floating type or None, not {dtype!r}")
-    paths = channel_paths(root, image_id, split)
-    channels = [read_png(path) for path in paths]
     height, width = channels[0].shape
     for path, channel in zip(paths[1:], channels[1:]):
         if channel.shape != (height, width):
             raise DatasetError(
                 f"{path}: size {channel.shape[1]}x{channel.shape[0]} (WxH) differs from "
-                f"{paths[0].name}: {width}x{height}"
+                f"{name(paths[0])}: {width}x{height}"
             )
     if len({channel.dtype for channel in channels}) > 1:
-        depths = ", ".join(f"{path.name}: {channel.dtype}" for path, channel in zip(paths, channels))
+        depths = ", ".join(f"{name(path)}: {channel.dtype}" for path, channel in zip(paths, channels))
         raise DatasetError(f"image {image_id!r} mixes 8- and 16-bit channels ({depths})")
     raw = np.stack(channels, axis=-1)
     if dtype is None:
@@ -259,8 +272,8 @@ def iter_images(
 
 def read_given_mask(root: str | Path, image_id: str) -> np.ndarray | None:
     """The given (H, W) uint16 instance mask ``ROOT/masks/{ID}.png``, or None if there is none."""
-    path = Path(root) / "masks" / f"{image_id}.png"
-    if not path.exists():
+    path = join(root, "masks", f"{image_id}.png")
+    if not exists(path):
         return None
     return read_png(path).astype(np.uint16)
 
@@ -274,9 +287,9 @@ def read_truth(root: str | Path) -> Truth | None:
         Malformed CSV, missing column, a ``cell_id`` that is not a positive integer, a bad
         label, a non-numeric ``captured``, or the same (ID, cell_id) twice.
     """
-    truth_dir = Path(root) / "truth"
-    csv_path = truth_dir / "cell_labels.csv"
-    if not csv_path.exists():
+    truth_dir = join(root, "truth")
+    csv_path = join(truth_dir, "cell_labels.csv")
+    if not exists(csv_path):
         return None
     frame = _read_table(csv_path, ["ID", "cell_id", "Label"])
     cells = pd.DataFrame({"ID": frame["ID"].str.strip()})
@@ -299,20 +312,21 @@ def read_truth(root: str | Path) -> Truth | None:
     return Truth(root=truth_dir, cells=cells)
 
 
-def _list_image_ids(image_dir: Path, csv_path: Path) -> pd.DataFrame:
+def _list_image_ids(image_dir: str, csv_path: str) -> pd.DataFrame:
     """Index of an unlabelled split: the IDs of the channel files in ``image_dir``."""
-    if not image_dir.is_dir():
+    if not is_dir(image_dir):
         raise DatasetError(f"neither {csv_path} nor the image directory {image_dir} exists")
     suffixes = tuple(f"_{channel}.png" for channel in CHANNELS)
-    names = [path.name for path in image_dir.iterdir()]
+    names = list(list_files(image_dir))
     ids = sorted({name[: -len(suffix)] for name in names for suffix in suffixes if name.endswith(suffix)})
     return pd.DataFrame({"ID": pd.Series(ids, dtype=str), "labels": [[] for _ in ids]})
 
 
-def _read_table(path: Path, required: list[str]) -> pd.DataFrame:
+def _read_table(path: str, required: list[str]) -> pd.DataFrame:
     """Read a CSV as strings (so IDs such as ``0001`` stay as written) and check its columns."""
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open_file(path) as file:
+            frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: malformed CSV ({error})") from None
     missing = [column for column in required if column not in frame.columns]
@@ -321,12 +335,12 @@ def _read_table(path: Path, required: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _row_error(path: Path, row: int, image_id: str, reason: object) -> DatasetError:
+def _row_error(path: str, row: int, image_id: str, reason: object) -> DatasetError:
     """An error for 0-based data row ``row``, reported 1-based with the header not counted."""
     return DatasetError(f"{path}: data row {row + 1} (ID {image_id!r}): {reason}")
 
 
-def _parse_label_column(path: Path, frame: pd.DataFrame) -> list[list[int]]:
+def _parse_label_column(path: str, frame: pd.DataFrame) -> list[list[int]]:
     """Parse every ``Label`` of ``frame``, naming the row of the first bad one."""
     labels = []
     for row, (image_id, text) in enumerate(zip(frame["ID"], frame["Label"])):
@@ -337,7 +351,7 @@ def _parse_label_column(path: Path, frame: pd.DataFrame) -> list[list[int]]:
     return labels
 
 
-def _check_unique(path: Path, frame: pd.DataFrame, key: list[str]) -> None:
+def _check_unique(path: str, frame: pd.DataFrame, key: list[str]) -> None:
     """Raise on the first repeated ``key``, naming the data rows of both occurrences."""
     first_row: dict[tuple, int] = {}
     for row, values in enumerate(zip(*(frame[column] for column in key))):

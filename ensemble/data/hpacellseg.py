@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import types
 import warnings
@@ -18,6 +17,7 @@ from scipy import ndimage as ndi
 from skimage import filters, measure, morphology, segmentation
 
 from ensemble.data.segment import BLUE, RED, YELLOW, Segmentation, relabel, to_shape
+from ensemble.storage import exists, local_path
 
 
 HPACELLSEG_INSTALL = (
@@ -123,12 +123,12 @@ class HPACellSegmenter:
     ):
         CellSegmentator = _import_hpacellseg()
         for path in (nuclei_model_path, cell_model_path):
-            if not path or not os.path.exists(path):
+            if not path or not exists(path):
                 raise FileNotFoundError(f"hpacellseg weights not found: {path!r}. {HPACELLSEG_INSTALL}")
         # hpacellseg's own loader would try to download missing files, so the models are loaded
-        # here and handed to it.
+        # here (from a path or a URL, e.g. the bucket of a cluster run) and handed to it.
         self._segmentator = CellSegmentator(
-            _load_model(nuclei_model_path, device), _load_model(cell_model_path, device),
+            _load_model(local_path(nuclei_model_path), device), _load_model(local_path(cell_model_path), device),
             scale_factor=scale_factor, device=device, multi_channel_model=True,
         )
         self.settings = {

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,16 +25,22 @@ import pyarrow.parquet as pq
 import ray
 from tqdm.auto import tqdm
 
+from ensemble.cluster import cluster_shape, connect
 from ensemble.data import hpa
 from ensemble.data.crops import CROP_DTYPE, ImageCells, process_image
 from ensemble.data.features import FeatureSettings
 from ensemble.data.segment import create_segmenter
 from ensemble.data.store import STORE_VERSION, chunk_path, parquet_bytes, read_meta, shard_path, write_atomic
 from ensemble.labels import CHANNELS
+from ensemble.storage import exists, join, list_files, name, read_bytes
 
 
 class StoreMismatchError(ValueError):
-    """A store exists at the path but was built from other data or with other settings."""
+    """A finished store exists at the path but was built from other data or with other settings."""
+
+
+class EmptyStoreError(ValueError):
+    """The dataset gives no cell: no images, every image skipped, or no cell found in any."""
 
 
 @dataclass
@@ -93,17 +98,15 @@ class _CellExtractor:
 def source_fingerprint(root: str | Path, split: str = "train") -> str:
     """Hash of the split's CSV and of the names and sizes of its image, mask and truth files.
 
-    Names and sizes rather than modification times, so a copied dataset keeps its fingerprint.
+    Names and sizes rather than modification times, so a copied dataset (to a bucket, say) keeps
+    its fingerprint.
     """
-    root = Path(root)
     digest = hashlib.sha256()
-    csv = root / f"{split}.csv"
-    digest.update(csv.read_bytes() if csv.exists() else b"")
-    for folder in (root / split, root / "masks", root / "truth", root / "truth" / "masks"):
-        if folder.is_dir():
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.is_file():
-                    digest.update(f"{folder.name}/{entry.name}:{entry.stat().st_size}\n".encode())
+    csv = join(root, f"{split}.csv")
+    digest.update(read_bytes(csv) if exists(csv) else b"")
+    for folder in (split, "masks", "truth", "truth/masks"):
+        for entry, size in sorted(list_files(join(root, folder)).items()):
+            digest.update(f"{name(folder)}/{entry}:{size}\n".encode())
     return digest.hexdigest()
 
 
@@ -115,7 +118,8 @@ def prepare(
     seed: int = 0,
     segmenter: str = "classical",
     segmenter_settings: dict | None = None,
-    num_workers: int | None = None,
+    max_workers: int | None = None,
+    min_workers: int = 1,
     split: str = "train",
     progress: bool = True,
     chunk_size: int = 64,
@@ -137,8 +141,10 @@ def prepare(
     segmenter : {"classical", "hpacellseg"}
     segmenter_settings : dict, optional
         Keyword arguments of :func:`~ensemble.data.segment.create_segmenter`.
-    num_workers : int, optional
-        Ray actors segmenting images (default: the cluster's CPUs).
+    max_workers, min_workers : int
+        Ray actors segmenting images: an autoscaling pool between the two (default maximum: the
+        most CPUs the cluster can hold, :func:`ensemble.cluster.cluster_shape`). Equal values
+        give a fixed pool.
     split : str
         Image sub-directory and CSV name.
     progress : bool
@@ -147,7 +153,9 @@ def prepare(
         Images per chunk (and per crop shard); part of the store's identity.
     features : FeatureSettings, optional
     force : bool
-        Delete a store built with other settings at ``store`` instead of raising.
+        Replace a finished store built from other data or with other settings at ``store``
+        instead of raising. An unfinished one (an interrupted or failed build) is always
+        replaced: nothing in it was ever read.
 
     Returns
     -------
@@ -156,13 +164,21 @@ def prepare(
     Raises
     ------
     StoreMismatchError
-        ``store`` holds a store of other data or settings and ``force`` is False.
+        ``store`` holds a finished store of other data or settings and ``force`` is False.
+    EmptyStoreError
+        The split lists no image, every image was skipped, or no cell was found in any; the
+        store is then left unfinished (no ``cells.parquet``), so a re-run with fixed data
+        replaces it.
     """
     start = time.perf_counter()
     features = features or FeatureSettings()
     segmenter_settings = dict(segmenter_settings or {})
     fs, path = fsspec.core.url_to_fs(str(store))
     index = hpa.read_index(data_root, split).sort_values("ID", ignore_index=True)
+    if index.empty:
+        listed = join(data_root, f"{split}.csv")
+        raise EmptyStoreError(f"{listed} lists no images" if exists(listed) else
+                              f"{join(data_root, split)} holds no images ({{ID}}_{CHANNELS[0]}.png, ...)")
     image_labels = hpa.label_matrix(index["labels"]).astype(np.int8)
     with_truth = hpa.read_truth(data_root) is not None
     meta = {
@@ -200,9 +216,9 @@ def prepare(
             fs, path, chunks, pending, images,
             extractor_kwargs=dict(root=str(data_root), split=split, cell_size=cell_size, segmenter=segmenter,
                                   segmenter_settings=segmenter_settings, features=features, with_truth=with_truth),
-            num_workers=num_workers, progress=progress,
+            pool=(min_workers, max_workers), progress=progress,
         )
-    report = _assemble(fs, path, len(chunks))
+    report = _assemble(fs, path, len(chunks), str(data_root))
     return _prepare_report(store, report, built=len(pending), seconds=time.perf_counter() - start, startup=startup)
 
 
@@ -222,38 +238,45 @@ def _prepare_report(store, report: dict, built: int, seconds: float, startup: fl
 
 
 def _check_existing(fs, path: str, meta: dict, force: bool) -> bool:
-    """True if ``path`` holds a store with the same meta; False if empty (or wiped by ``force``)."""
+    """True if ``path`` holds a store with the same meta (finished or to resume); False if there is none.
+
+    An unfinished store of other settings (a build that failed on bad data, say, now fixed) is
+    removed; a finished one only with ``force``.
+    """
     if not fs.exists(f"{path}/meta.json"):
         return False
     existing = read_meta(fs.cat_file(f"{path}/meta.json"))
     if existing == meta:
         return True
-    if force:
+    finished = fs.exists(f"{path}/cells.parquet")
+    if force or not finished:
         fs.rm(path, recursive=True)
         return False
     differ = sorted(key for key in meta.keys() | existing.keys() if meta.get(key) != existing.get(key))
     raise StoreMismatchError(
-        f"{path} holds a cell store built from other data or with other settings (differing: {differ}); "
-        "choose another store path or pass force=True to rebuild it"
+        f"{path} holds a finished cell store built from other data or with other settings (differing: {differ}); "
+        "choose another store path, or replace it with --force (prepare(force=True))"
     )
 
 
-def _build_chunks(fs, path, chunks, pending, images, extractor_kwargs, num_workers, progress) -> float:
+def _build_chunks(fs, path, chunks, pending, images, extractor_kwargs, pool, progress) -> float:
     """Run the Ray Data pipeline over the images of the pending chunks, writing each chunk.
 
     Returns the seconds until the first image came back.
     """
     start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()  # a local Ray, or the cluster this process runs in
-    num_workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    connect()  # only now: a store that is finished, or a dataset without images, needs no Ray
+    smallest, largest = pool
+    largest = largest or max(smallest, int(cluster_shape().most("CPU")))
     chunk_of = {image_id: i for i in pending for image_id in chunks[i]}
     # One block per image so idle actors pick up single images and the driver sees each result.
     dataset = ray.data.from_items([{"image_id": image_id} for image_id in chunk_of], override_num_blocks=len(chunk_of))
     dataset = dataset.map_batches(
         _CellExtractor,
         fn_constructor_kwargs=extractor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        # An autoscaling pool: idle actors go, and on an autoscaling cluster the actors waiting
+        # for a CPU are the demand that adds nodes.
+        compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
         batch_size=1,
         num_cpus=1,
     )
@@ -311,8 +334,11 @@ def _write_chunk(fs, path: str, chunk: int, results: list[ImageCells], images: d
     write_atomic(fs, chunk_path(path, chunk, "json"), json.dumps(status, indent=2).encode())
 
 
-def _assemble(fs, path: str, n_chunks: int) -> dict:
-    """Concatenate the chunk tables into cells.parquet and the chunk statuses into report.json."""
+def _assemble(fs, path: str, n_chunks: int, source: str) -> dict:
+    """Concatenate the chunk tables into cells.parquet and the chunk statuses into report.json.
+
+    Raises EmptyStoreError, before writing either, when no image gave a cell.
+    """
     statuses = [json.loads(fs.cat_file(chunk_path(path, i, "json"))) for i in range(n_chunks)]
     report = {
         "n_images": sum(len(s["images"]) for s in statuses),
@@ -321,6 +347,15 @@ def _assemble(fs, path: str, n_chunks: int) -> dict:
         "skipped": {k: v for s in statuses for k, v in s["skipped"].items()},
         "no_cells": [i for s in statuses for i in s["no_cells"]],
     }
+    if report["n_cells"] == 0:
+        skipped = report["skipped"]
+        shown = "; ".join(f"{image}: {reason}" for image, reason in list(skipped.items())[:3])
+        if len(skipped) == report["n_images"]:
+            raise EmptyStoreError(f"every one of the {len(skipped)} images of {source} was skipped, so there is no "
+                                  f"cell to store ({shown}{'; ...' if len(skipped) > 3 else ''})")
+        raise EmptyStoreError(f"no cell found in any of the {report['n_images'] - len(skipped)} readable images of "
+                              f"{source} ({len(skipped)} skipped): check that the blue channel holds the nuclei, "
+                              "or give masks/ or another --segmenter")
     tables = [pq.read_table(io.BytesIO(fs.cat_file(chunk_path(path, i, "parquet")))) for i in range(n_chunks)]
     write_atomic(fs, f"{path}/report.json", json.dumps(report, indent=2).encode())
     # Written last: its presence marks the store complete.
@@ -331,10 +366,10 @@ def _assemble(fs, path: str, n_chunks: int) -> dict:
 def _arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
     """Columns -> Arrow table; 2-D arrays become fixed-size list columns (one vector per cell)."""
     arrays = {}
-    for name, values in columns.items():
+    for column, values in columns.items():
         values = np.asarray(values)
         if values.ndim == 2:
-            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+            arrays[column] = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
         else:
-            arrays[name] = pa.array(values, type=pa.string() if values.dtype == object else None)
+            arrays[column] = pa.array(values, type=pa.string() if values.dtype == object else None)
     return pa.table(arrays)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: np.ndarray, counts: Sequence[int],
+def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: np.ndarray | torch.Tensor,
+                  counts: Sequence[int],
                   device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities of the cells of consecutive images: the mean over ``networks``.
 
@@ -33,8 +34,9 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
         The networks' spec (head, ``cell_size``, ``cells_per_image``).
     networks : sequence of nn.Module
         One network (a training job's) or a member's fold networks, in eval mode on ``device``.
-    crops : ndarray of uint8, shape (n, 4, S, S)
-        Cells of consecutive images, each image's cells in cell id order.
+    crops : ndarray or tensor of uint8, shape (n, 4, S, S)
+        Cells of consecutive images, each image's cells in cell id order. A tensor in pinned
+        memory (a DataLoader's ``pin_memory``) is copied to a GPU asynchronously.
     counts : sequence of int
         Cells per image (summing to n).
     device : torch.device
@@ -48,11 +50,11 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
         DSA only: the image stream, the same for every cell of an image (for several networks,
         the mean of each one's max over the image's bags).
     """
-    cells = torch.from_numpy(np.ascontiguousarray(crops))
+    cells = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(crops))
     n, k = len(cells), len(networks)
     cell = torch.zeros((n, NUM_CLASSES))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    top = float(np.iinfo(crops.dtype).max)
+    top = float(torch.iinfo(cells.dtype).max)
 
     def as_input(x: torch.Tensor) -> torch.Tensor:  # integer crops -> [0, 1] floats at the model's size
         return fit_size(x.to(device, non_blocking=True).float() / top, spec.cell_size)

@@ -3,6 +3,10 @@
 The job's MLflow run is found by its tags before anything starts: a finished job is skipped, an
 interrupted one is reopened and Ray Train resumes it from its latest checkpoint (the Ray run name
 is stable, ``{zoo}-{model}-fold{k}``, so the new trainer finds the old run's checkpoints).
+
+Ray Train retries a failed job (``FailureConfig``), which helps a lost node and cannot help a
+model that cannot be built or run: :func:`ensemble.checks.preflight_zoo` finds those before any
+job is handed to Ray.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 from mlflow.entities import Metric, Param
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -21,7 +24,8 @@ from ray.train.torch import TorchTrainer
 from ensemble import tracking
 from ensemble.models.backbones import family_of
 from ensemble.plots import training_curves
-from ensemble.storage import join, read_bytes
+from ensemble.cluster import job_bundle
+from ensemble.storage import arrow_filesystem, join, read_bytes
 from ensemble.trainers.loop import JobConfig, train_loop_per_worker
 from ensemble.zoo import ModelSpec, spec_params
 
@@ -69,20 +73,16 @@ def job_tags(ctx: RunContext, spec: ModelSpec, fold: int) -> dict[str, str]:
 
 
 def scaling_for(spec: ModelSpec) -> ScalingConfig:
-    """Workers of a job: GPUs when the cluster has them (unless the spec says otherwise)."""
-    settings = spec.placement
-    use_gpu = settings.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": settings.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    """Workers of a job, with the resources its placement declares."""
+    placement = spec.placement
+    return ScalingConfig(num_workers=placement.num_workers, use_gpu=placement.use_gpu,
+                         resources_per_worker=job_bundle(spec))
 
 
 def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None = None,
                 callbacks: list | None = None, name: str | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of one job; also used by sweeps, with their own run name and callbacks."""
+    storage_filesystem, storage_path = arrow_filesystem(join(ctx.workdir, "ray"))
     config = JobConfig(spec=dataclasses.asdict(spec), fold=fold, store=ctx.store,
                        oof_path=oof_uri(ctx.workdir, name or spec.name, fold), tracking_uri=ctx.tracking_uri,
                        run_id=run_id)
@@ -92,7 +92,8 @@ def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None 
         scaling_config=scaling_for(spec),
         run_config=RunConfig(
             name=name or job_name(ctx.zoo, spec.name, fold),
-            storage_path=join(ctx.workdir, "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=ctx.max_failures),
             callbacks=callbacks,
@@ -129,6 +130,7 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
             client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         result = trainer_for(spec, fold, ctx, run_id=run_id).fit()
         summary = result.return_value
+        client.set_tag(run_id, tracking.TAG_NODE, summary["node_id"])  # the Ray node its (last) workers ran on
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0)
                                           for k in ("best_val_map", "best_epoch", "epochs")])

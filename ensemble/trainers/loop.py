@@ -4,6 +4,12 @@ Each epoch: train on the other folds' cells, predict every cell of the held-out 
 checkpoint. The predictions of the best epoch are the job's out-of-fold (OOF) table, so no second
 prediction pass is needed at the end. A restarted worker (killed process, lost node, re-run of
 train_all) resumes from the latest checkpoint that Ray Train hands back.
+
+Input: DataLoader worker processes (``placement.loader_workers``) read, augment and convert the
+crops while the model steps; the training loader is built once per job and its workers persist
+across epochs. On a GPU, batches come in pinned memory and are copied asynchronously; the model
+runs in channels_last memory format under bf16 autocast. Optimiser and learning-rate schedule
+come from timm's factories, named in the zoo's train settings.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from torch.utils.data import DataLoader, DistributedSampler
 
 import ray.train
 import ray.train.torch
 
 from ensemble.data.augment import build_augment
-from ensemble.data.datasets import BagDataset, CellDataset
+from ensemble.data.datasets import BagDataset, CellDataset, ImageChunks, make_loader
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.metrics import cell_map
 from ensemble.models import build_model, fit_size, init_class_prior
@@ -32,7 +41,7 @@ from ensemble.models.inference import predict_cells
 from ensemble.models.losses import DSALoss, FocalLoss, WeightedBCELoss, class_weights
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
 from ensemble.storage import write_parquet
-from ensemble.zoo import ModelSpec
+from ensemble.zoo import ModelSpec, Placement, TrainSettings
 
 PREDICT_CHUNK_CELLS = 1024  # cells of whole images read from the store per prediction step
 
@@ -66,32 +75,34 @@ def _criterion(spec: ModelSpec, positive_rates: np.ndarray) -> torch.nn.Module:
     return base
 
 
+def loader_workers(placement: Placement) -> int:
+    """DataLoader processes of a job's worker: as set, or one per CPU it holds beyond the training process's."""
+    if placement.loader_workers is not None:
+        return placement.loader_workers
+    return max(0, int(placement.cpus_per_worker) - 1)
+
+
 @torch.no_grad()
 def predict_fold(model: torch.nn.Module, store: CellStore, fold: int, spec: ModelSpec, device: torch.device,
-                 batch_size: int = 128) -> pd.DataFrame:
+                 batch_size: int = 128, workers: int = 0) -> pd.DataFrame:
     """Probabilities of every cell of ``fold`` (cell stream, and image stream for DSA), one row per cell.
 
     The same path as serving (:func:`~ensemble.models.inference.predict_cells`), fed whole
-    images of the fold at a time.
+    images of the fold at a time (:class:`~ensemble.data.datasets.ImageChunks`), read by
+    ``workers`` processes while the model predicts; the chunks, and so the predictions, do not
+    depend on ``workers``.
     """
     model.eval()
-    rows = np.flatnonzero(store.cells["fold"].to_numpy() == fold)
-    table = store.cells.iloc[rows][[*KEYS, "fold"]].reset_index(drop=True)
-    ids = table["image_id"].to_numpy()
-    ends = np.flatnonzero(np.r_[ids[1:] != ids[:-1], True]) + 1 if len(ids) else np.zeros(0, int)
-    cell = np.zeros((len(rows), len(CELL_COLUMNS)), np.float32)
+    chunks = ImageChunks(store, folds=[fold], max_cells=PREDICT_CHUNK_CELLS)
+    table = store.cells.iloc[chunks.rows][[*KEYS, "fold"]].reset_index(drop=True)
+    cell = np.zeros((len(table), len(CELL_COLUMNS)), np.float32)
     image = np.zeros_like(cell) if spec.head == "dsa" else None
-    first = 0  # the chunk's first image
-    while first < len(ends):
-        start = ends[first - 1] if first else 0
-        last = max(first + 1, int(np.searchsorted(ends, start + PREDICT_CHUNK_CELLS, side="right")))
-        stop = ends[last - 1]
-        counts = np.diff(np.r_[start, ends[first:last]])
-        cell[start:stop], chunk_image = predict_cells(spec, [model], store.crops(rows[start:stop]), counts, device,
+    for chunk in make_loader(chunks, batch_size=None, workers=workers, pin_memory=device.type == "cuda"):
+        start, stop = chunk["start"], chunk["stop"]
+        cell[start:stop], chunk_image = predict_cells(spec, [model], chunk["crops"], chunk["counts"].numpy(), device,
                                                       batch_size)
         if image is not None:
             image[start:stop] = chunk_image
-        first = last
     table[CELL_COLUMNS] = cell
     if image is not None:
         table[IMAGE_COLUMNS] = image
@@ -108,29 +119,112 @@ def score_oof(oof: pd.DataFrame, labels: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def _train_loader(store: CellStore, folds: list[int], spec: ModelSpec, epoch: int) -> DataLoader:
+def train_loader(store: CellStore, folds: list[int], spec: ModelSpec, device: torch.device, world_size: int = 1,
+                  rank: int = 0) -> DataLoader:
+    """The job's training loader, built once: call :func:`start_epoch` before each pass.
+
+    Its sampler shuffles with the job's seed and the epoch, and with several Ray Train workers
+    gives each its share of the items (what ``prepare_data_loader`` would add, which rebuilds
+    the loader without its persistent workers).
+    """
     settings = spec.train
     transform = build_augment(settings.augment) if settings.augment > 0 else None
     if spec.head == "dsa":
         dataset = BagDataset(store, folds=folds, bag_size=spec.cells_per_image, train=True, labels=settings.labels,
                              transform=transform, seed=settings.seed, in_memory=spec.placement.in_memory)
-        dataset.set_epoch(epoch)
         batch = max(1, settings.batch_size // spec.cells_per_image)
     else:
         dataset = CellDataset(store, folds=folds, labels=settings.labels, transform=transform,
                               in_memory=spec.placement.in_memory)
         batch = settings.batch_size
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) > batch, generator=generator)
-    return ray.train.torch.prepare_data_loader(loader)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
+    workers = loader_workers(spec.placement)
+    return make_loader(dataset, batch_size=batch, workers=workers, pin_memory=device.type == "cuda", sampler=sampler,
+                       drop_last=len(sampler) > batch, persistent=workers > 0)
+
+
+def start_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's shuffling and, for bags, of the cells drawn from each image."""
+    loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, BagDataset):
+        loader.dataset.set_epoch(epoch)
+
+
+def _inputs(crops: torch.Tensor, spec: ModelSpec, device: torch.device) -> torch.Tensor:
+    """Crops on the device (asynchronously from pinned memory), resized there to the model's cell size."""
+    x = fit_size(crops.to(device, non_blocking=True), spec.cell_size)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
 def _loss(criterion, model, batch, spec: ModelSpec, device) -> torch.Tensor:
+    def move(name: str) -> torch.Tensor:
+        return batch[name].to(device, non_blocking=True)
+
     if spec.head == "dsa":
-        valid = batch["valid"].to(device)
-        out = model(fit_size(batch["cells"], spec.cell_size).to(device), valid)
-        return criterion(out, batch["image_target"].to(device), batch["cell_targets"].to(device), valid)
-    return criterion(model(fit_size(batch["image"], spec.cell_size).to(device)), batch["target"].to(device))
+        valid = move("valid")
+        out = model(_inputs(batch["cells"], spec, device), valid)
+        return criterion(out, move("image_target"), move("cell_targets"), valid)
+    return criterion(model(_inputs(batch["image"], spec, device)), move("target"))
+
+
+def train_epoch(model: torch.nn.Module, batches, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                spec: ModelSpec, device: torch.device) -> tuple[float, int]:
+    """One pass of training steps over ``batches`` (a loader, or batches already in memory).
+
+    Returns the mean loss and the number of steps. The loss is summed on the device, so steps
+    queue on a GPU without waiting for each other.
+    """
+    model.train()
+    autocast = device.type == "cuda" and spec.train.mixed_precision
+    total, steps = torch.zeros((), device=device), 0
+    for batch in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = _loss(criterion, model, batch, spec, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach().float()
+        steps += 1
+    return total.item() / max(steps, 1), steps
+
+
+def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> tuple[torch.optim.Optimizer, Scheduler]:
+    """timm's optimiser and per-epoch schedule for ``settings``; step the schedule with the next epoch.
+
+    timm leaves biases and normalisation weights out of weight decay. With the defaults (adam,
+    cosine over ``epochs``, no warm-up) the learning rates are those of ``torch.optim.Adam``
+    under ``CosineAnnealingLR(T_max=epochs)``.
+    """
+    optimizer = create_optimizer_v2(model, opt=settings.optimizer, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=settings.schedule, num_epochs=settings.epochs,
+                                       warmup_epochs=settings.warmup_epochs)
+    return optimizer, scheduler
+
+
+def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
+               state: dict, best_weights: dict, spec: dict) -> None:
+    """Write a checkpoint: weights, optimiser and schedule, the best epoch's weights, the loop's state, the spec."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               directory / "state.pt")
+    torch.save(best_weights, directory / "best.pt")
+    (directory / "state.json").write_text(json.dumps(state))
+    (directory / "spec.json").write_text(json.dumps(spec))
+
+
+def _learnt(spec: dict) -> dict:
+    """A spec's JSON form without its placement: what its weights depend on."""
+    return {k: v for k, v in json.loads(json.dumps(spec)).items() if k != "placement"}
+
+
+def restore_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Scheduler) -> tuple[dict, dict]:
+    """Load a :func:`save_state` checkpoint into the job's objects; returns the loop's state and the best weights."""
+    saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    best_weights = torch.load(directory / "best.pt", map_location="cpu", weights_only=True)
+    return json.loads((directory / "state.json").read_text()), best_weights
 
 
 def _agree(stop: bool) -> bool:
@@ -175,47 +269,39 @@ def train_loop_per_worker(config: dict) -> dict:
     model = build_model(spec)
     if settings.prior_init:
         init_class_prior(model, store.labels(settings.labels)[fold_of_cell != job.fold].mean(axis=0))
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     criterion = _criterion(spec, rates).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    optimizer, scheduler = build_optimizer(model, settings)
     state = {"epoch": 0, "best": -np.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = json.loads((Path(directory) / "state.json").read_text())
-            best_weights = torch.load(Path(directory) / "best.pt", map_location="cpu", weights_only=True)
+            # A job's Ray run is named after its model and fold only, so a changed spec finds the
+            # old spec's checkpoints: resume only what this spec learnt (placement may differ).
+            if _learnt(json.loads((Path(directory) / "spec.json").read_text())) == _learnt(job.spec):
+                state, best_weights = restore_state(Path(directory), model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    autocast = device.type == "cuda" and settings.mixed_precision
+    loader = train_loader(store, train_folds, spec, device, context.get_world_size(), rank)
+    workers = loader_workers(spec.placement)
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
         epoch = state["epoch"]
-        model.train()
-        loader = _train_loader(store, train_folds, spec, epoch)
-        if context.get_world_size() > 1:
-            loader.sampler.set_epoch(epoch)
-        started, total, steps = time.perf_counter(), 0.0, 0
-        for batch in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = _loss(criterion, model, batch, spec, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-        scheduler.step()
+        start_epoch(loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        loss, _ = train_epoch(model, loader, criterion, optimizer, spec, device)
+        scheduler.step(epoch + 1)
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": total / max(steps, 1), "epoch_seconds": seconds,
+        metrics = {"epoch": epoch, "train_loss": loss, "lr": lr, "epoch_seconds": seconds,
                    "cells_per_second": len(loader.dataset) / seconds}
         stop = False
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
-                oof = predict_fold(bare, store, job.fold, spec, device)
+                oof = predict_fold(bare, store, job.fold, spec, device, workers=workers)
                 metrics.update(score_oof(oof, labels))
                 improved = metrics["val_map"] > state["best"]
                 if improved:
@@ -227,11 +313,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 state["epoch"] = epoch + 1
                 state["history"].append(metrics)
                 metrics.update(best_val_map=state["best"], label_source=label_source)
-                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()}, Path(directory) / "state.pt")
-                torch.save(best_weights, Path(directory) / "best.pt")
-                (Path(directory) / "state.json").write_text(json.dumps(state))
-                (Path(directory) / "spec.json").write_text(json.dumps(job.spec))
+                save_state(Path(directory), bare, optimizer, scheduler, state, best_weights, job.spec)
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
                 _log_mlflow(job, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, epoch)
                 stop = state["epoch"] >= settings.epochs or state["bad_epochs"] >= settings.patience
@@ -241,4 +323,5 @@ def train_loop_per_worker(config: dict) -> dict:
         if _agree(stop):
             break
     return {"best_val_map": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-            "history": state["history"], "label_source": label_source, "world_size": context.get_world_size()}
+            "history": state["history"], "label_source": label_source, "world_size": context.get_world_size(),
+            "node_id": ray.get_runtime_context().get_node_id()}

@@ -8,7 +8,6 @@ zoo's runs and recorded in MLflow, and ``train_all --sweep`` trains with it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import tracking
-from ensemble.storage import join, read_bytes, write_bytes
-from ensemble.search_space import DOMAIN_ARGUMENTS, MODEL_KEYS, TRAIN_KEYS, read_search_space
+from ensemble.storage import arrow_filesystem, join, read_bytes, write_bytes
+from ensemble.search_space import DOMAIN_ARGUMENTS, apply_config, read_search_space
 from ensemble.trainers.fit import RunContext, trainer_for
 from ensemble.zoo import ModelSpec
 
@@ -42,15 +41,6 @@ def load_search_space(path: str | Path) -> dict[str, Any]:
     """A search space (:func:`ensemble.search_space.read_search_space`) as Ray Tune domains."""
     return {key: DOMAINS[domain["type"]](*(domain[name] for name in DOMAIN_ARGUMENTS[domain["type"]]))
             for key, domain in read_search_space(path).items()}
-
-
-def apply_config(spec: ModelSpec, config: dict[str, Any]) -> ModelSpec:
-    """``spec`` with a trial's (or the best) config applied."""
-    train = {k: v for k, v in config.items() if k in TRAIN_KEYS}
-    model = {k: v for k, v in config.items() if k in MODEL_KEYS}
-    head = {k.removeprefix("head."): v for k, v in config.items() if k.startswith("head.")}
-    return dataclasses.replace(spec, **model, head_kwargs={**spec.head_kwargs, **head},
-                               train=dataclasses.replace(spec.train, **train))
 
 
 @dataclass
@@ -97,6 +87,7 @@ def sweep(spec: ModelSpec, ctx: RunContext, space: dict[str, Any], *, fold: int 
         tracking_uri=ctx.tracking_uri, experiment_name=client.get_experiment(ctx.experiment_id).name,
         tags={**sweep_tags, tracking.TAG_KIND: "trial", tracking.TAG_PARENT: parent.info.run_id},
         save_artifact=False)
+    storage_filesystem, storage_path = arrow_filesystem(join(ctx.workdir, "ray"))
     tuner = tune.Tuner(
         # The driver holds a token CPU share (Tune refuses none); its Train workers hold the real
         # CPUs. A whole CPU per driver as well deadlocks small machines (STACK.md): give workers
@@ -105,7 +96,8 @@ def sweep(spec: ModelSpec, ctx: RunContext, space: dict[str, Any], *, fold: int 
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_map", mode="max", scheduler=scheduler, search_alg=searcher,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{ctx.zoo}-{spec.name}", storage_path=join(ctx.workdir, "ray"),
+        run_config=tune.RunConfig(name=f"sweep-{ctx.zoo}-{spec.name}", storage_path=storage_path,
+                                  storage_filesystem=storage_filesystem,
                                   callbacks=[mlflow_callback]),
     )
     results = tuner.fit()

@@ -1,7 +1,12 @@
-"""train_all: prepare the cell store, train every (model, fold) of a zoo, assemble the OOF tables.
+"""Train every (model, fold) of a zoo and assemble the OOF tables.
 
-Jobs are Ray tasks that each drive a ``TorchTrainer``; Ray runs as many at once as the cluster's
-resources allow and queues the rest, so the same call fills one laptop or a GPU cluster.
+Jobs are Ray tasks that each drive a ``TorchTrainer``. Ray places each job's workers where the
+resources its placement declares are free and queues the rest, so the same call fills one laptop
+or a GPU cluster (where the queued demand is what makes an autoscaler add nodes).
+
+Every model is first built and run once on the driver (:func:`ensemble.checks.preflight_zoo`):
+a model that cannot be fails there in seconds, with no job started and no run recorded, rather
+than after Ray Train has retried each of its jobs.
 """
 
 from __future__ import annotations
@@ -12,16 +17,58 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 from ensemble import tracking
+from ensemble.cluster import cluster_shape, default_concurrency
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.metrics import cell_map
 from ensemble.models.backbones import family_of
 from ensemble.oof import CELL_COLUMNS, KEYS
 from ensemble.storage import join, read_parquet, write_bytes, write_parquet
+from ensemble.checks import preflight_zoo
 from ensemble.trainers.fit import JobResult, RunContext, fit_job, oof_uri
 from ensemble.zoo import Zoo
+
+
+class JobsFailedError(RuntimeError):
+    """Jobs of a zoo failed; the message has one line per job and says whether a re-run can help."""
+
+
+# Errors that a retry or a re-run repeats (code or configuration); others (a lost node or
+# process, memory, storage, network) may pass on a re-run, which resumes from the last checkpoint.
+REPEATING = (TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError, AssertionError)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The error behind Ray's wrappers: a task's cause, a Ray Train worker group's first worker failure."""
+    while True:
+        cause = getattr(error, "cause", None)
+        failures = getattr(error, "worker_failures", None) or {}
+        inner = cause if isinstance(cause, BaseException) else next(iter(failures.values()), None)
+        if inner is None or inner is error:
+            return error
+        error = inner
+
+
+def failure_report(failures: list[tuple[str, int | None, BaseException]], source: str) -> str:
+    """The message of :class:`JobsFailedError`: each job, its cause in one line, and what to do."""
+    lines, repeat, transient = [], False, False
+    for name, fold, error in failures:
+        cause = _root_cause(error)
+        first = (str(cause).strip().splitlines() or [""])[0]
+        where = f"{name}" + ("" if fold is None else f" fold {fold}")
+        lines.append(f"  {where}: {type(cause).__name__}: {first}")
+        repeat |= isinstance(cause, REPEATING)
+        transient |= not isinstance(cause, REPEATING)
+    advice = []
+    if repeat:
+        advice.append(f"a re-run repeats errors of code or configuration: change what their line says in {source}")
+    if transient:
+        advice.append(f"{'the others' if repeat else 'these'} may pass on a re-run, which skips finished jobs and "
+                      "resumes failed ones from their last checkpoint")
+    return f"{len(failures)} job(s) failed:\n" + "\n".join(lines) + "\n" + "; ".join(advice)
 
 
 @dataclass
@@ -44,33 +91,19 @@ def parent_run(zoo: Zoo, experiment_id: str, fingerprint: str, uri: str | None):
     return tracking.client(uri).create_run(experiment_id, run_name=f"train_all-{zoo.name}", tags=tags)
 
 
-def jobs_that_fit(zoo: Zoo) -> int:
-    """How many of the zoo's jobs the cluster's current resources hold at once (at least 1)."""
-    from ensemble.trainers.fit import scaling_for
-
-    resources = ray.cluster_resources()
-    fits = []
-    for spec in zoo.models:
-        scaling = scaling_for(spec)
-        need = scaling.num_workers or 1
-        per_worker = scaling.resources_per_worker or {}
-        fits.append(min(int(resources.get(k, 0) // (v * need)) for k, v in per_worker.items() if v > 0))
-    return max(1, min(fits))
-
-
 def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
              max_concurrent: int | None = None) -> list[JobResult]:
-    """Every (model, fold) job as a Ray task, at most ``max_concurrent`` in flight.
+    """Every (model, fold) job as a Ray task, at most ``max_concurrent`` in flight (default: all).
 
-    ``max_concurrent`` defaults to what the cluster holds now: Ray Train worker groups that wait
-    for resources time out and retry, which only wastes time. On an autoscaling cluster, give a
-    larger number so the autoscaler sees the demand and adds nodes.
+    A job's task only drives its trainer (``num_cpus=0``: the trainer's workers hold the CPUs and
+    GPUs; a CPU for the driver as well deadlocks small machines, STACK.md). It runs on this node,
+    beside the driver, and is retried if its process or node dies: the retry finds the job's
+    MLflow run and Ray Train's checkpoints, and resumes them.
     """
-    # num_cpus=0: a job's task only drives its trainer; the trainer's workers hold the CPUs/GPUs.
-    # Giving the driver a CPU as well deadlocks small machines (STACK.md).
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_job)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    remote_fit = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy=here)(fit_job)
     queue = [(spec, fold) for spec in zoo.models for fold in folds]
-    limit = max_concurrent or jobs_that_fit(zoo)
+    limit = max_concurrent or len(queue)
     pending, results, failures = {}, [], []
     with tqdm(total=len(queue), desc=f"train {zoo.name}", unit="job", disable=not progress) as bar:
         while queue or pending:
@@ -89,8 +122,7 @@ def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
                 bar.set_postfix_str(f"{name} fold {fold}: FAILED")
             bar.update()
     if failures:
-        lines = "\n".join(f"  {name} fold {fold}: {type(err).__name__}: {err}" for name, fold, err in failures)
-        raise RuntimeError(f"{len(failures)} job(s) failed (re-run to resume them):\n{lines}")
+        raise JobsFailedError(failure_report(failures, zoo.source or f"zoo {zoo.name}"))
     return sorted(results, key=lambda r: (r.model, r.fold))
 
 
@@ -130,7 +162,12 @@ def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobR
 def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None = None,
               tracking_uri: str | None = None, progress: bool = True,
               max_concurrent: int | None = None) -> TrainAllResult:
-    """Train every model of ``zoo`` on every fold of the store; resumable; returns the OOF tables."""
+    """Train every model of ``zoo`` on every fold of the store; resumable; returns the OOF tables.
+
+    Every model is first built and run on a batch (:func:`ensemble.checks.preflight_zoo`): one
+    that cannot be stops the call before any job starts or any MLflow run is recorded.
+    """
+    preflight_zoo(zoo)
     store = CellStore(store_uri)
     n_folds = int(store.cells["fold"].max()) + 1
     folds = list(range(n_folds))
@@ -142,7 +179,8 @@ def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None 
                      tracking_uri=uri, fingerprint=fingerprint, parent_run_id=parent.info.run_id)
     client = tracking.client(uri)
     try:
-        jobs = run_jobs(zoo, ctx, folds, progress, max_concurrent)
+        limit = max_concurrent or default_concurrency(zoo, cluster_shape(), len(zoo.models) * len(folds))
+        jobs = run_jobs(zoo, ctx, folds, progress, limit)
         oof = assemble_oof(zoo, workdir, folds)
         summary = oof_summary(zoo, store, oof, jobs)
         for row in summary.itertuples():

@@ -1,0 +1,282 @@
+"""Every check a training command can make before Ray starts, and the jobs it would run.
+
+``ensemble check``, ``train-all --dry-run`` and the CLI before ``ray.init`` call
+:func:`check_training`: a misspelt backbone, a head argument no head takes, a search space that
+cannot fit its zoo, a segmenter setting, a missing dataset, a job no node of the cluster can hold
+or an MLflow server that does not answer are all said in seconds, naming the file and the key,
+instead of after Ray has started (20-80 s on 2 cores) or inside a job that Ray Train retries.
+
+What :mod:`ensemble.zoo` and :mod:`ensemble.search_space` check when they read a file needs
+timm's registry only; the checks here also build each head on a tiny stand-in backbone (its own
+argument checks, in milliseconds) and then each whole model, running two of its cells through it
+on the CPU (:func:`preflight_zoo`): a backbone that cannot take the zoo's cell size fails there,
+not in a Ray Train job that would be retried. The trainers call :func:`preflight_zoo` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ensemble.zoo import ModelSpec, SpecError, Zoo
+
+STAND_IN_BACKBONE = "test_efficientnet"
+"""A tiny timm EfficientNet: every head (CLH's scattering fusion included) can be built on it."""
+
+
+@dataclass
+class Plan:
+    """What a training command would run once its checks pass.
+
+    Attributes
+    ----------
+    zoo : Zoo
+    spaces : dict of str to str
+        Model -> the search space file its sweep would search (empty without a sweep).
+    cluster : str
+        What the cluster check found ("" when no launcher config was given).
+    """
+
+    zoo: Zoo
+    spaces: dict[str, str] = field(default_factory=dict)
+    cluster: str = ""
+
+    def jobs(self) -> pd.DataFrame:
+        """One row per model: what it is, where each of its jobs runs, and how many jobs it has."""
+        from ensemble.cluster import job_bundle
+
+        rows = [{"model": spec.name, "head": spec.head, "backbone": spec.backbone, "cell_size": spec.cell_size,
+                 "folds": self.zoo.n_folds, "workers": spec.placement.num_workers,
+                 "per_worker": ", ".join(f"{k} {v:g}" for k, v in job_bundle(spec).items()),
+                 "sweep": Path(self.spaces[spec.name]).name if spec.name in self.spaces else "-",
+                 "spec_hash": spec.fingerprint()} for spec in self.zoo.models]
+        return pd.DataFrame(rows)
+
+    def report(self) -> str:
+        zoo = self.zoo
+        n_jobs = len(zoo.models) * zoo.n_folds
+        dsas = [m for m in zoo.models if m.head == "dsa"]
+        lines = [f"zoo {zoo.name} ({zoo.source}): {len(zoo.models)} models x {zoo.n_folds} folds = {n_jobs} "
+                 f"training jobs on {zoo.cell_size} px crops",
+                 self.jobs().to_string(index=False)]
+        if self.spaces:
+            lines.append(f"sweeps first: one per model on fold 0 ({len(self.spaces)} sweeps)")
+        if zoo.relabel.rounds:
+            lines.append(f"CRA before them: {zoo.relabel.rounds} rounds x {len(dsas)} DSA models x {zoo.n_folds} "
+                         f"folds = {zoo.relabel.rounds * len(dsas) * zoo.n_folds} jobs")
+        if zoo.integrity.enabled:
+            lines.append(f"VID after selection: capture CNN {zoo.integrity.backbone}, {zoo.integrity.cv_splits} splits")
+        if self.cluster:
+            lines.append(self.cluster)
+        lines.append("all checks passed; nothing was started")
+        return "\n".join(lines)
+
+
+def head_problem(spec: ModelSpec) -> str | None:
+    """What would stop ``spec``'s head from being built (its ``head_kwargs``, CLH's needs), or None.
+
+    The head is built on :data:`STAND_IN_BACKBONE`, so its own argument checks run without
+    building (or downloading) the real backbone.
+    """
+    from timm.models import model_entrypoint
+
+    from ensemble.models.backbones import create_backbone
+    from ensemble.models.factory import HEADS
+    from ensemble.models.scattering import HybridEfficientNet
+
+    size = spec.cell_size
+    if spec.head == "clh":
+        if model_entrypoint(spec.backbone).__module__ != "timm.models.efficientnet":
+            return f"backbone: CLH needs a timm EfficientNet, got {spec.backbone!r}"
+        scales = spec.head_kwargs.get("J", inspect.signature(HybridEfficientNet).parameters["J"].default)
+        if not isinstance(scales, int) or scales < 1:
+            return f"head_kwargs.J: expected a whole number >= 1, got {scales!r}"
+        if spec.cell_size % 2**scales:
+            return f"cell_size {spec.cell_size} must be a multiple of 2**J = {2**scales} for CLH's scattering"
+        size = 4 * 2**scales  # the smallest size the scattering takes: its filters cost seconds at 256 px
+    try:
+        HEADS[spec.head](create_backbone(STAND_IN_BACKBONE, img_size=size), **spec.head_kwargs)
+    except (TypeError, ValueError) as error:
+        return f"head_kwargs: {error}"
+    return None
+
+
+class JobConfigError(SpecError):
+    """A model no retry can train: it cannot be built, or cannot take a batch of its own cells."""
+
+
+def preflight_zoo(zoo: Zoo) -> None:
+    """Build every model of ``zoo`` on the CPU and run one of its cells through it, one model at a time.
+
+    Without pretrained weights (nothing is downloaded) and in eval mode: under a second for each
+    of the quick zoo's models, a few seconds for each of the paper's on 2 cores. A network that
+    passed once in this process (the same head, backbone, cell size and head arguments: CRA
+    rounds train the same networks on other labels) is not built again.
+
+    Raises
+    ------
+    JobConfigError
+        Naming the zoo file, the model, what failed and what to change.
+    """
+    import torch
+
+    from ensemble.models.factory import build_model
+
+    for i, spec in enumerate(zoo.models):
+        network_key = json.dumps([spec.head, spec.backbone, spec.cell_size, spec.head_kwargs], sort_keys=True,
+                                 default=str)
+        if network_key in _BUILT:
+            continue
+        try:
+            network = build_model(dataclasses.replace(spec, pretrained=False, checkpoint_path=None)).eval()
+            cell = torch.zeros(1, 4, spec.cell_size, spec.cell_size)
+            with torch.no_grad():
+                network(cell.unsqueeze(0) if spec.head == "dsa" else cell)  # DSA: a bag of one cell
+        except Exception as error:  # whatever fails here fails in every job and every retry
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise JobConfigError(f"{zoo.source or zoo.name}: models[{i}] ({spec.name}): {spec.backbone} at "
+                                 f"{spec.cell_size} px cannot be built or run ({type(error).__name__}: {first}); "
+                                 "change its cell_size, backbone or head_kwargs") from None
+        _BUILT.add(network_key)
+
+
+_BUILT: set[str] = set()
+
+
+def check_zoo(zoo: Zoo) -> None:
+    """Raise SpecError naming the zoo file and model for a head that cannot be built, or CRA without DSA."""
+    for i, spec in enumerate(zoo.models):
+        problem = head_problem(spec)
+        if problem:
+            raise SpecError(f"{zoo.source}: models[{i}] ({spec.name}): {problem}")
+    if zoo.relabel.rounds and not any(m.head == "dsa" for m in zoo.models):
+        raise SpecError(f"{zoo.source}: relabel.rounds: CRA re-labels with DSA models and the zoo has none: "
+                        "add one or set relabel.rounds: 0")
+
+
+def check_spaces(zoo: Zoo, space: str | None = None) -> dict[str, str]:
+    """Check the search space of every model (``space``, else its head's built-in one) against it.
+
+    Returns
+    -------
+    dict
+        Model -> the space file it would sweep.
+    """
+    from ensemble.search_space import proposals, apply_config, check_space_fits, read_search_space, \
+        search_space_path
+
+    files = {}
+    for spec in zoo.models:
+        path = search_space_path(space or spec.head)
+        domains = read_search_space(path)
+        where = f"{path} (for {zoo.source}: {spec.name})"
+        check_space_fits(domains, spec, zoo.cell_size, where)
+        for key, domain in domains.items():
+            for value in proposals(domain) if key.startswith("head.") else ():
+                problem = head_problem(apply_config(spec, {key: value}))
+                if problem:
+                    raise SpecError(f"{where}: {key}: {value!r}: {problem}")
+        files[spec.name] = str(path)
+    return files
+
+
+def check_segmenter(name: str, settings: dict) -> None:
+    """Raise ValueError for a segmenter setting it does not take, or a weight file that is not there."""
+    from ensemble.data.segment import ClassicalSettings
+
+    if name == "classical":
+        try:
+            ClassicalSettings(**settings)
+        except TypeError as error:
+            raise ValueError(f"--segmenter-setting: {error}; the classical segmenter takes "
+                             f"{[f.name for f in dataclasses.fields(ClassicalSettings)]}") from None
+        return
+    from ensemble.data.hpacellseg import HPACellSegmenter
+    from ensemble.storage import exists
+
+    try:
+        inspect.signature(HPACellSegmenter).bind(**settings)
+    except TypeError as error:
+        takes = list(inspect.signature(HPACellSegmenter).parameters)
+        raise ValueError(f"--segmenter-setting for hpacellseg: {error}; it takes {takes}") from None
+    for key in ("nuclei_model_path", "cell_model_path"):
+        if not exists(settings[key]):
+            raise FileNotFoundError(f"--segmenter-setting {key}={settings[key]}: no such file")
+
+
+def check_data(data: str) -> None:
+    """Raise FileNotFoundError unless ``data`` looks like a dataset in the Kaggle layout."""
+    from ensemble.storage import exists, is_dir, join
+
+    if not (exists(join(data, "train.csv")) or is_dir(join(data, "train"))):
+        raise FileNotFoundError(f"no dataset at {data}: expected train.csv and train/{{ID}}_{{red,green,blue,yellow}}.png")
+
+
+def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, data: str | None = None,
+                   workdir: str | None = None, tracking_uri: str | None = None, cluster_config: str | None = None,
+                   segmenter: str = "classical", segmenter_settings: dict | None = None,
+                   build: bool = True) -> Plan:
+    """Check everything a training command depends on that can be checked without Ray.
+
+    Parameters
+    ----------
+    zoo : Zoo
+        As :func:`ensemble.zoo.load_zoo` read (and checked) it.
+    sweep, space
+        Check the search space each model would sweep (``space``, else its head's built-in one).
+    data : str, optional
+        The dataset root; None when train-all simulates one.
+    workdir, tracking_uri, cluster_config
+        With a launcher config, every job must fit a node type of it, and on more than one node
+        the workdir and tracking URI must reach every node (:mod:`ensemble.cluster`). An HTTP
+        tracking server must answer.
+    segmenter, segmenter_settings
+        The segmenter, and the settings it is given (their names; hpacellseg's weight files).
+    build : bool
+        Also build and run every model once (:func:`preflight_zoo`).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    SpecError, ValueError, FileNotFoundError, ensemble.tracking.TrackingError
+    """
+    from ensemble import tracking
+
+    check_zoo(zoo)
+    spaces = check_spaces(zoo, space) if sweep or space else {}
+    if build:
+        preflight_zoo(zoo)
+    check_segmenter(segmenter, segmenter_settings or {})
+    if data is not None:
+        check_data(data)
+    if zoo.integrity.enabled and zoo.integrity.labels_csv is not None:
+        check_data_file(zoo.integrity.labels_csv, f"{zoo.source}: integrity.labels_csv")
+    cluster = ""
+    uri = tracking.tracking_uri(tracking_uri)
+    if cluster_config is not None:
+        import yaml
+
+        from ensemble.cluster import ClusterShape, check_jobs_fit, check_shared
+
+        check_data_file(cluster_config, "--cluster-config")
+        shape = ClusterShape.from_config(yaml.safe_load(Path(cluster_config).read_text()), cluster_config)
+        check_jobs_fit(zoo, shape)
+        check_shared(shape, uri, workdir or "runs")
+        cluster = f"cluster ({cluster_config}): every job fits a node type ({shape.describe()})"
+    tracking.check_reachable(uri)  # a SQLite file is not created by a check: the first run creates it
+    return Plan(zoo=zoo, spaces=spaces, cluster=cluster)
+
+
+def check_data_file(uri: str, where: str) -> None:
+    from ensemble.storage import exists
+
+    if not exists(uri):
+        raise FileNotFoundError(f"{where}: {uri} does not exist")
