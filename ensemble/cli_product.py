@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ensemble.labels import CHANNELS
 
+# ensemble.governance.PROMOTE, spelled out: importing it would load MLflow for every command.
+PROMOTE = ("if-better", "always", "never")
+
 
 def cmd_register(args) -> int:
     import tempfile
@@ -97,8 +100,6 @@ def image_root(images: str, split: str) -> tuple[str, str]:
 
 def add_commands(subparsers) -> None:
     """Add ``register``, ``models``, ``predict`` and ``evaluate`` to the CLI's subparsers."""
-    from ensemble.governance import PROMOTE
-
     p = subparsers.add_parser("register", help="register the selected ensemble as an MLflow model with an alias")
     p.add_argument("--experiment", required=True, help="MLflow experiment of the training runs")
     p.add_argument("--spec", required=True, help="ensemble spec JSON written by `ensemble select`")

@@ -84,7 +84,7 @@ def mlflow_server(bucket, tmp_path_factory):
                      "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
                      "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
                     {**os.environ, **bucket["env"]}, work / "server.log")
-    wait_for_http(f"http://127.0.0.1:{port}/health", 180)
+    wait_for_http(f"http://127.0.0.1:{port}/health", 300)
     yield f"http://127.0.0.1:{port}"
     stop(process)
 
@@ -107,17 +107,30 @@ def cluster(bucket, tmp_path_factory):
     head = start([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                   "--disable-usage-stats", f"--temp-dir={work}/head", *node_ports(20000)], env, work / "head.log")
-    wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 180)
+    wait_for_http(f"http://127.0.0.1:{dashboard}/api/version", 300)
     workers = {}
     for i, first in ((1, 21000), (2, 22000)):
         ports = node_ports(first)
         process = start([BIN / "ray", "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1",
                          "--disable-usage-stats", f"--temp-dir={work}/worker{i}", *ports], env, work / f"worker{i}.log")
         workers[i] = {"process": process, "node_manager_port": ports[0].split("=")[1]}
+    wait_for_nodes(f"127.0.0.1:{port}", 3, env, timeout=300)
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
            "workers": workers}
     for process in [w["process"] for w in workers.values()] + [head]:
         stop(process)
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float) -> None:
+    """Until ``count`` nodes have joined: a worker's raylet runs seconds before the head knows it."""
+    probe = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run([str(BIN / "python"), "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{count} Ray nodes did not join within {timeout} s")
 
 
 def raylet_of(worker: dict) -> psutil.Process:

@@ -29,8 +29,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ensemble import tracking
+from ensemble.cli_product import PROMOTE as CLI_PROMOTE
 from ensemble.cli_product import add_commands
-from ensemble.governance import VersionScores, decide_promotion, list_versions
+from ensemble.governance import PROMOTE, VersionScores, decide_promotion, list_versions
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_image
@@ -272,6 +273,7 @@ def test_promotion_compares_scores_with_the_champion(trained, registered, tmp_pa
     (VersionScores(0.4, 0.80, "t1"), VersionScores(None, 0.75, "t1"), True, "better than champion v1: test 0.8000 vs 0.7500"),
 ])
 def test_if_better_compares_the_scores_both_versions_carry(new, champion, promoted, reason):
+    assert CLI_PROMOTE == PROMOTE
     assert decide_promotion("if-better", new, champion, "1") == (promoted, reason)
     assert decide_promotion("always", new, champion, "1")[0] and not decide_promotion("never", new, champion, "1")[0]
     with pytest.raises(ValueError, match="promote must be one of"):

@@ -163,6 +163,13 @@ def test_images_as_bytes_with_a_given_mask_and_a_bad_row(served, image):
     pixels = stack_channels(image.channels, list(CHANNELS), "sim")
     here = served.model.predict_arrays({"sim": pixels}, {"sim": image.mask})
     np.testing.assert_allclose(cells[list(CLASS_NAMES)].to_numpy(), here[CELL_COLUMNS].to_numpy(), atol=1e-6)
+    # A request of which no image can be read is answered with the reasons.
+    request = urllib.request.Request(f"{served.url}/invocations", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"dataframe_records": [bad]}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    answer = refused.value.read().decode()
+    assert refused.value.code == 400 and "no image could be read" in answer and "bad red: unreadable" in answer
 
 
 def test_images_as_paths_and_a_dataset_root(served, image):
