@@ -127,13 +127,14 @@ def cmd_sweep(args) -> int:
     import dataclasses
 
     from ensemble.checks import check_spaces, check_zoo
-    from ensemble.pipeline import sweep_model
     from ensemble.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
     zoo = dataclasses.replace(zoo, models=(zoo.model(args.model),))
     check_zoo(zoo)
     check_spaces(zoo, args.space)
+    from ensemble.pipeline import sweep_model  # seconds of imports, after the checks
+
     _ray_init()
     result = sweep_model(zoo, args.model, workdir=_absolute(args.workdir), space=args.space,
                          num_samples=args.samples, fold=args.fold, experiment=args.experiment,
