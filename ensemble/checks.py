@@ -248,8 +248,6 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
     ------
     SpecError, ValueError, FileNotFoundError, ensemble.tracking.TrackingError
     """
-    from ensemble import tracking
-
     check_zoo(zoo)
     spaces = check_spaces(zoo, space) if sweep or space else {}
     if build:
@@ -259,6 +257,8 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
         check_data(data)
     if zoo.integrity.enabled and zoo.integrity.labels_csv is not None:
         check_data_file(zoo.integrity.labels_csv, f"{zoo.source}: integrity.labels_csv")
+    from ensemble import tracking  # MLflow costs seconds to import: after the checks that need none
+
     cluster = ""
     uri = tracking.tracking_uri(tracking_uri)
     if cluster_config is not None:

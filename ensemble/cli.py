@@ -335,14 +335,15 @@ def explain(error: BaseException, tracking_uri: str | None = None) -> tuple[str,
     names the tracking URI and the cause (status 1). An error raised inside a Ray task arrives
     wrapped, its remote traceback in its text: the cause is what is said.
     """
-    from ensemble import tracking
-
     cause = getattr(error, "cause", None)
     if type(error).__module__.startswith("ray.") and isinstance(cause, BaseException):
         error = cause
-    said = tracking.explain(error, tracking_uri)
-    if said is not None:
-        return said, 1
+    if "mlflow" in sys.modules:  # else no MLflow error can have happened: importing it costs seconds
+        from ensemble import tracking
+
+        said = tracking.explain(error, tracking_uri)
+        if said is not None:
+            return said, 1
     if isinstance(error, KeyError):
         return str(error.args[0] if error.args else error), 2
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)):
