@@ -253,8 +253,8 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
     check_shared(shape, tracking.tracking_uri(tracking_uri), workdir)
     report = prepare(data, store_uri(workdir), cell_size=zoo.cell_size, n_folds=zoo.n_folds, segmenter=segmenter,
                      segmenter_settings=segmenter_settings, progress=progress)
-    n_folds = int(CellStore(store_uri(workdir)).cells["fold"].max()) + 1
-    max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * n_folds)
+    # The store's fold count is the zoo's: prepare refuses a store built with another.
+    max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * zoo.n_folds)
     if zoo.integrity.enabled and zoo.integrity.labels_csv is None and \
             "truth" not in CellStore(store_uri(workdir)).label_versions():
         # Said now, not after hours of training: the VID learns from good/bad cells.
