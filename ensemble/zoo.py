@@ -49,6 +49,7 @@ class TrainSettings:
     cell_loss_weight: float = 0.2     # W2 = 0.2 * W1 (DSA, paper)
     augment: float = 0.5          # augmentation strength, 0 = none
     patience: int = 3             # early stopping: epochs without a better validation mAP
+    val_fraction: float = 0.125   # training images set aside to choose the epoch; the held-out fold never is
     labels: str = "weak"          # label version in the cell store used as training targets
     prior_init: bool = True       # classifiers start at the classes' positive rates, not at p = 0.5
     mixed_precision: bool = True  # bf16 autocast on GPU
@@ -68,6 +69,8 @@ class TrainSettings:
             raise SpecError(f"schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
         if self.warmup_epochs < 0:
             raise SpecError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if not 0 < self.val_fraction < 1:
+            raise SpecError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)

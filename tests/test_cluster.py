@@ -97,7 +97,7 @@ def head():
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=10)  # then killed: a graceful Ray stop can take half a minute
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -116,7 +116,11 @@ def job_runs(uri: str) -> list:
 def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**head["env"], "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": head["gcs"]}
-    command = train_all_command(small_dataset, tiny_zoo_file, tmp_path / "work")
+    zoo = yaml.safe_load(tiny_zoo_file.read_text())
+    zoo["models"] = [m for m in zoo["models"] if m["name"] == "cla_tiny"]  # 3 jobs are enough to interrupt
+    zoo_file = tmp_path / "one-model.yaml"
+    zoo_file.write_text(yaml.safe_dump(zoo))
+    command = train_all_command(small_dataset, zoo_file, tmp_path / "work")
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + 300
@@ -137,7 +141,7 @@ def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, ti
     runs = job_runs(uri)
     jobs = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "job"]
     keys = [(r.data.tags[tracking.TAG_MODEL], r.data.tags[tracking.TAG_FOLD]) for r in jobs]
-    assert len(keys) == len(set(keys)) == 6, "one run per (model, fold), no duplicates"
+    assert len(keys) == len(set(keys)) == 3, "one run per (model, fold), no duplicates"
     assert all(r.info.status == "FINISHED" for r in jobs)
     parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "train_all"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

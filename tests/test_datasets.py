@@ -142,6 +142,9 @@ def s3_store(store, monkeypatch, tmp_path):
     fs.put(store.uri, "cells/store", recursive=True)
     yield CellStore("s3://cells/store")
     server.stop()
+    # fsspec caches filesystems by their arguments, not the environment: the next test's server
+    # would be given this one's (stopped) filesystem.
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_remote_store_is_read_in_worker_processes(store, s3_store):

@@ -41,7 +41,7 @@ def start(command: list, env: dict, log: Path) -> subprocess.Popen:
 def stop(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        process.wait(timeout=10)  # then killed: a graceful Ray stop can take half a minute
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
@@ -55,6 +55,9 @@ def bucket(tmp_path_factory):
     import s3fs
     from moto.server import ThreadedMotoServer
 
+    # fsspec caches filesystems by their arguments, not the environment: one made for another
+    # test's server (now stopped) would be handed back here.
+    s3fs.S3FileSystem.clear_instance_cache()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -71,6 +74,7 @@ def bucket(tmp_path_factory):
     fs.put(f"{local}/test/", f"{BUCKET}/test/", recursive=True)
     yield {"env": env, "fs": fs}
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 

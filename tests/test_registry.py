@@ -45,7 +45,7 @@ from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
 from ensemble.selectors import MethodScore, apply_spec, make_synthetic_oof, select_ensemble
 from ensemble.serving_io import SERVING_COLUMNS
 from ensemble.submission import decode_mask
-from ensemble.trainers.loop import predict_fold
+from ensemble.trainers.loop import predict_rows
 from ensemble.zoo import ModelSpec
 
 NAME = "hpa-ensemble"
@@ -317,7 +317,7 @@ def test_registration_refuses_incomplete_ensembles(trained, registered):
 
 
 def reference_predictions(store: CellStore, spec, members) -> pd.DataFrame:
-    """The ensemble on the store's cells through the training code: predict_fold per fold network,
+    """The ensemble on the store's cells through the training code: predict_rows per fold network,
     the mean over a member's fold networks, then apply_spec."""
     frames = {}
     for name, member in members.items():
@@ -325,8 +325,7 @@ def reference_predictions(store: CellStore, spec, members) -> pd.DataFrame:
         for path in member.folds.values():
             network = build_model(member.spec)
             network.load_state_dict(torch.load(path, weights_only=True))
-            table = pd.concat([predict_fold(network, store, fold, member.spec, torch.device("cpu"))
-                               for fold in sorted(store.cells["fold"].unique())])
+            table = predict_rows(network, store, np.arange(len(store)), member.spec, torch.device("cpu"))
             tables.append(table.sort_values(["image_id", "cell_id"], ignore_index=True))
         columns = [c for c in (*CELL_COLUMNS, *IMAGE_COLUMNS) if c in tables[0]]
         frames[name] = tables[0].drop(columns="fold").assign(

@@ -223,12 +223,63 @@ def test_ensemble_beats_best_single(spec):
     assert spec.scores["greedy"].nested_pooled > spec.scores["best_single"].nested_pooled
 
 
-def test_nested_scores_are_out_of_sample(spec):
+def test_in_sample_and_nested_scores_come_in_the_same_two_forms(spec):
     hcpl = spec.scores["hcpl"]
     assert len(hcpl.nested_folds) == 4
     assert hcpl.nested_mean == pytest.approx(np.mean(list(hcpl.nested_folds.values())))
-    # mean_all fits nothing, so its pooled out-of-sample score is its in-sample score
-    assert spec.scores["mean_all"].nested_pooled == pytest.approx(spec.scores["mean_all"].in_sample)
+    # mean_all fits nothing: out of sample it is what it is in sample, in each form
+    mean_all = spec.scores["mean_all"]
+    assert mean_all.nested_pooled == pytest.approx(mean_all.in_sample)
+    assert mean_all.nested_mean == pytest.approx(mean_all.in_sample_mean)
+    assert mean_all.in_sample_mean != pytest.approx(mean_all.in_sample, abs=1e-4), "the two forms differ"
+
+
+def _shuffle_fold(synthetic, fold: int, seed: int = 0):
+    """The synthetic OOF and labels with one fold's labels, and each model's predictions, permuted among its cells."""
+    rng = np.random.default_rng(seed)
+    oof = synthetic.oof
+    rows = np.flatnonzero(oof.index["fold"].to_numpy() == fold)
+
+    def permuted(values):
+        out = values.copy()
+        out[:, rows] = values[:, rng.permutation(rows)]
+        return out
+
+    shuffled = OOFSet(index=oof.index, cell={m: permuted(v) for m, v in oof.cell.items()},
+                      image={m: permuted(v) for m, v in oof.image.items()}, tags=oof.tags)
+    labels = synthetic.labels.copy()
+    held = np.flatnonzero(labels["fold"].to_numpy() == fold)
+    columns = [f"label_{k}" for k in range(NUM_CLASSES)] + ["cell_truth"]
+    order = rng.permutation(held)
+    for column in columns:
+        labels.loc[labels.index[held], column] = labels[column].to_numpy()[order]
+    return shuffled, labels
+
+
+@pytest.mark.parametrize("fusion", ["fit", "paper"])
+def test_each_fitted_step_of_a_nested_refit_sees_only_its_training_folds(synthetic, monkeypatch, fusion):
+    """Refitted without fold 0, the recipe finds the same correlation, blocks, members, pruning,
+    fusion threshold and per-class overrides however fold 0's labels and predictions are
+    shuffled; the full fit, which sees fold 0, does change."""
+    from ensemble.selectors import select
+
+    fits, fit = {}, select._fit
+
+    def recording_fit(oof, targets, moments, rows, exclude_fold, *args):
+        fits[exclude_fold] = fit(oof, targets, moments, rows, exclude_fold, *args)
+        return fits[exclude_fold]
+
+    monkeypatch.setattr(select, "_fit", recording_fit)
+    runs = []
+    for oof, labels in ((synthetic.oof, synthetic.labels), _shuffle_fold(synthetic, 0)):
+        select_ensemble(oof, labels, fusion=fusion, prune=True, aggregation="hierarchical", greedy=False)
+        runs.append(dict(fits))
+    original, shuffled = runs[0][0], runs[1][0]
+    pd.testing.assert_frame_equal(original.correlation, shuffled.correlation, check_exact=True)
+    assert original.blocks == shuffled.blocks and original.members == shuffled.members
+    assert original.pruned == shuffled.pruned and original.model_map == shuffled.model_map
+    assert original.rho_th == shuffled.rho_th and original.fusion == shuffled.fusion
+    assert runs[0][None].model_map != runs[1][None].model_map
 
 
 def test_nested_scores_expose_selection_bias():
@@ -373,7 +424,8 @@ def test_json_round_trip(spec, tmp_path):
 
 def test_report_lists_members_blocks_rules_and_scores(spec):
     text = spec.report()
-    for needle in [*spec.members.values(), *spec.blocks, CLASS_NAMES[15], "best_single", "greedy", "nested pooled"]:
+    for needle in [*spec.members.values(), *spec.blocks, CLASS_NAMES[15], "best_single", "greedy", "fold mean: in-sample",
+                   "pooled: in-sample"]:
         assert needle in text
 
 
@@ -487,7 +539,11 @@ def test_log_to_mlflow_with_sqlite(spec, tracking):
     )
     assert EnsembleSpec.from_json(local).members == spec.members
     metrics = client.get_run(run.info.run_id).data.metrics
-    assert metrics["map_hcpl_nested"] == pytest.approx(spec.scores["hcpl"].nested_pooled)
+    hcpl = spec.scores["hcpl"]
+    assert metrics["map_hcpl_nested_pooled"] == pytest.approx(hcpl.nested_pooled)
+    assert metrics["map_hcpl_nested_fold_mean"] == pytest.approx(hcpl.nested_mean)
+    assert metrics["map_hcpl_in_sample_pooled"] == pytest.approx(hcpl.in_sample)
+    assert metrics["map_hcpl_in_sample_fold_mean"] == pytest.approx(hcpl.in_sample_mean)
     assert metrics["blocks_family_ari"] == metrics["blocks_family_only_ari"] == 1.0
 
 
@@ -510,3 +566,26 @@ def test_load_oof_mlflow_concatenates_folds(synthetic, tracking):
     assert loaded.tags[names[0]] == synthetic.oof.tags[names[0]]
     for name in names:
         np.testing.assert_array_equal(loaded.cell[name], synthetic.oof.cell[name])
+
+
+def test_paper_fusion_correlates_over_the_images_that_carry_the_class(synthetic):
+    """fusion="paper" thresholds the paper's statistic: per class, over the cells of the images
+    labelled with it; both statistics are kept on every rule."""
+    from ensemble.selectors.fusion import labelled_images
+
+    spec = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", nested=False, greedy=False)
+    truth = _truth(synthetic)
+    image_ids = synthetic.oof.index["image_id"].to_numpy()
+    within = labelled_images(truth, image_ids)
+    members = spec.image_models
+    image = aggregate({m: synthetic.oof.image[m] for m in members}, {"image": members}, dict.fromkeys(members, 1.0))
+    cell = aggregate({m: synthetic.oof.cell[m] for m in spec.members.values()}, spec.groups, spec.weights)
+    for k, name in enumerate(CLASS_NAMES):
+        rule = spec.fusion[name]
+        carriers = np.isin(image_ids, np.unique(image_ids[truth[k]]))
+        np.testing.assert_array_equal(within[k], carriers)
+        if carriers.sum() > 1:
+            expected = np.corrcoef(image[k][carriers], cell[k][carriers])[0, 1]
+            assert rule.correlation == rule.correlation_labelled == pytest.approx(expected, abs=1e-6)
+        assert rule.correlation_all == pytest.approx(np.corrcoef(image[k], cell[k])[0, 1], abs=1e-6)
+        assert rule.rule == ("product" if rule.correlation > spec.rho_th else "cell")

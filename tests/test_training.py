@@ -119,7 +119,7 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, m
     assert EnsembleSpec.from_json(tmp_path / "ensemble" / "ensemble_spec.json").members == spec.members
     assert (tmp_path / "ensemble" / "correlation.png").stat().st_size > 0
     (select_run,) = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "select"}, uri)
-    assert select_run.info.status == "FINISHED" and "map_hcpl" in select_run.data.metrics
+    assert select_run.info.status == "FINISHED" and "map_hcpl_nested_fold_mean" in select_run.data.metrics
 
     # A zoo without a DSA head has no image stream to fuse: the step selects without fusion.
     cla_only = tmp_path / "cla_only"
@@ -238,15 +238,16 @@ def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_pat
     assert model.integrity is not None and model.spec.integrity_weighting
 
 
-def test_predict_fold_reads_with_worker_processes_and_predicts_the_same(store, monkeypatch):
+def test_predict_rows_reads_with_worker_processes_and_predicts_the_same(store, monkeypatch):
     monkeypatch.setattr(loop, "PREDICT_CHUNK_CELLS", 24)  # several chunks for the workers to share
     cells = CellStore(store)
     for spec in (ModelSpec(name="d", head="dsa", backbone="test_resnet", cell_size=32, cells_per_image=4),
                  ModelSpec(name="c", head="cla", backbone="test_efficientnet", cell_size=32)):
         torch.manual_seed(0)
         network = build_model(spec)
-        alone = loop.predict_fold(network, cells, 2, spec, torch.device("cpu"))
-        read_by_workers = loop.predict_fold(network, cells, 2, spec, torch.device("cpu"), workers=2)
+        rows = np.flatnonzero(cells.cells["fold"] == 2)
+        alone = loop.predict_rows(network, cells, rows, spec, torch.device("cpu"))
+        read_by_workers = loop.predict_rows(network, cells, rows, spec, torch.device("cpu"), workers=2)
         pd.testing.assert_frame_equal(read_by_workers, alone, check_exact=True)
         assert_complete_oof(alone, cells, [2])
 
@@ -269,7 +270,8 @@ def test_loader_workers_and_a_timm_optimizer_from_the_zoo_train_a_job(tmp_path, 
     cells = CellStore(store)
     assert_complete_oof(oof, cells, [0])
     # The same table as an in-process prediction writes: columns, types, row order.
-    reference = loop.predict_fold(build_model(spec), cells, 0, spec, torch.device("cpu"))
+    reference = loop.predict_rows(build_model(spec), cells, np.flatnonzero(cells.cells["fold"] == 0), spec,
+                                  torch.device("cpu"))
     assert list(oof.columns) == list(reference.columns) and (oof.dtypes == reference.dtypes).all()
     pd.testing.assert_frame_equal(oof[["image_id", "cell_id", "fold"]], reference[["image_id", "cell_id", "fold"]])
 
@@ -319,3 +321,35 @@ def test_unknown_optimizer_or_schedule_fails_when_the_zoo_is_loaded(tmp_path):
     bad.write_text("train: {optimizer: lookahead_adamw, schedule: wsd, warmup_epochs: 1}\n"
                    "models:\n  - {name: a, head: cla, backbone: test_resnet}\n")
     assert load_zoo(bad).models[0].train.optimizer == "lookahead_adamw"
+
+
+def test_held_out_labels_cannot_reach_the_oof(tmp_path, store, tiny_zoo_file):
+    """A job's OOF is out of sample: with every label of the held-out fold shuffled (weak, cell and
+    truth), the scores that choose the epoch and the fold's OOF predictions are the same to the bit."""
+    import pyarrow.parquet as pq
+    import shutil
+
+    shuffled = tmp_path / "shuffled-store"
+    shutil.copytree(store, shuffled)
+    table = pq.read_table(shuffled / "cells.parquet")
+    held = np.flatnonzero(table.column("fold").to_numpy() == 0)
+    order = np.arange(table.num_rows)
+    order[held] = np.random.default_rng(0).permutation(held)
+    for name in ("image_labels", "cell_labels", "truth_labels"):
+        table = table.set_column(table.column_names.index(name), name, table.column(name).take(order))
+    pq.write_table(table, shuffled / "cells.parquet")
+    assert not np.array_equal(CellStore(str(shuffled)).labels("truth")[held], CellStore(store).labels("truth")[held])
+
+    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=2, patience=9))
+    tables, choices, held_out = [], [], []
+    for name, uri in (("original", store), ("shuffled", str(shuffled))):
+        ctx = context(tmp_path / name, uri)
+        summary = trainer_for(spec, 0, ctx).fit().return_value
+        assert summary["epochs"] == 2
+        tables.append(read_parquet(oof_uri(ctx.workdir, spec.name, 0)))
+        choices.append([(h["train_loss"], h["val_map"]) for h in summary["history"]] + [summary["best_epoch"]])
+        held_out.append(summary["oof_map"])
+    assert choices[0] == choices[1], "validation scores must not depend on the held-out fold's labels"
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+    assert held_out[0] != held_out[1], "the held-out score does read them, once, after the choice"

@@ -29,8 +29,12 @@ def _open(store: CellStore | str) -> CellStore:
     return store if isinstance(store, CellStore) else CellStore(store)
 
 
-def _fold_rows(store: CellStore, folds: Iterable[int] | None) -> np.ndarray:
-    """Store rows of the cells in ``folds`` (all cells if None), in store order."""
+def _rows(store: CellStore, rows: np.ndarray | None, folds: Iterable[int] | None) -> np.ndarray:
+    """Store rows to use: ``rows`` as given, or the cells of ``folds``, or every cell; in store order."""
+    if rows is not None and folds is not None:
+        raise ValueError("give rows or folds, not both")
+    if rows is not None:
+        return np.asarray(rows, dtype=np.int64)
     if folds is None:
         return np.arange(len(store), dtype=np.int64)
     return np.flatnonzero(np.isin(store.table.column("fold").to_numpy(), list(folds))).astype(np.int64)
@@ -99,10 +103,8 @@ class CellDataset(Dataset):
         transform: Callable | None = None,
         in_memory: bool = False,
     ):
-        if rows is not None and folds is not None:
-            raise ValueError("give rows or folds, not both")
         self.store = _open(store)
-        self.rows = np.asarray(rows, dtype=np.int64) if rows is not None else _fold_rows(self.store, folds)
+        self.rows = _rows(self.store, rows, folds)
         self.targets = self.store.labels(labels)[self.rows]
         self.transform = transform
         self._crops = _Crops(self.store, self.rows, in_memory)
@@ -131,8 +133,10 @@ class BagDataset(Dataset):
     Parameters
     ----------
     store : CellStore or str
+    rows : array of int, optional
+        Store rows to use, whole images of them in store order. Exclusive with ``folds``.
     folds : iterable of int, optional
-        Images of these folds (all if None).
+        Images of these folds. Neither ``rows`` nor ``folds``: every image.
     bag_size : int
     labels : str
         Label version of the cell targets (see :class:`CellDataset`).
@@ -151,6 +155,7 @@ class BagDataset(Dataset):
     def __init__(
         self,
         store: CellStore | str,
+        rows: np.ndarray | None = None,
         folds: Iterable[int] | None = None,
         bag_size: int = 16,
         labels: str = "weak",
@@ -162,7 +167,7 @@ class BagDataset(Dataset):
         if bag_size < 1:
             raise ValueError(f"bag_size must be >= 1, got {bag_size}")
         self.store = _open(store)
-        self.rows = _fold_rows(self.store, folds)
+        self.rows = _rows(self.store, rows, folds)
         self.bag_size, self.train, self.transform, self.seed = bag_size, train, transform, seed
         # In shared memory: persistent DataLoader workers hold their own copy of the dataset, and
         # set_epoch() in the training process must reach them.
@@ -227,19 +232,22 @@ class ImageChunks(Dataset):
     Parameters
     ----------
     store : CellStore or str
+    rows : array of int, optional
+        Store rows to use, whole images of them in store order. Exclusive with ``folds``.
     folds : iterable of int, optional
-        Images of these folds (all if None).
+        Images of these folds. Neither ``rows`` nor ``folds``: every image.
     max_cells : int
 
     Items are dicts: ``crops`` (n, 4, S, S) integer tensor as stored, ``counts`` (images,) int64
     cells per image, ``start`` and ``stop``: the chunk's cells are ``rows[start:stop]``.
     """
 
-    def __init__(self, store: CellStore | str, folds: Iterable[int] | None = None, max_cells: int = 1024):
+    def __init__(self, store: CellStore | str, rows: np.ndarray | None = None, folds: Iterable[int] | None = None,
+                 max_cells: int = 1024):
         if max_cells < 1:
             raise ValueError(f"max_cells must be >= 1, got {max_cells}")
         self.store = _open(store)
-        self.rows = _fold_rows(self.store, folds)
+        self.rows = _rows(self.store, rows, folds)
         _, starts, counts = _image_runs(self.store, self.rows)
         ends = starts + counts
         self.chunks = []

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ensemble.labels import CLASS_NAMES
 
@@ -36,6 +37,10 @@ class FusionRule:
     reason : str
     ap_product, ap_cell : float or None
         AP of each option on the rows with cell-level truth, where they were computed.
+    correlation_labelled, correlation_all : float or None
+        The two statistics, whichever ``correlation`` is: the paper's, over the cells of the
+        images that carry the class (``fusion="paper"`` thresholds it), and over all cells
+        (``fusion="fit"`` thresholds it).
     """
 
     rule: str
@@ -43,6 +48,8 @@ class FusionRule:
     reason: str
     ap_product: float | None = None
     ap_cell: float | None = None
+    correlation_labelled: float | None = None
+    correlation_all: float | None = None
 
 
 def aggregate(
@@ -63,25 +70,44 @@ def aggregate(
     return sum(means[1:], means[0]) / np.float32(len(means))
 
 
-def stream_correlation(image: np.ndarray, cell: np.ndarray) -> np.ndarray:
+def stream_correlation(image: np.ndarray, cell: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
     """Pearson correlation per class between image-stream and cell-stream predictions.
 
     Parameters
     ----------
     image, cell : ndarray, shape (n_classes, n_cells)
+    within : ndarray of bool, shape (n_classes, n_cells), optional
+        Correlate class ``k`` over the cells where ``within[k]`` only. The paper's statistic
+        takes the cells of the images that carry the class (:func:`labelled_images`); over all
+        cells, where most are negatives that both streams put near 0, values run far higher.
 
     Returns
     -------
     ndarray, shape (n_classes,)
-        0 for a class where either stream is constant.
+        0 for a class where either stream is constant (or fewer than two cells are kept).
     """
     out = np.zeros(image.shape[0])
     for k in range(image.shape[0]):
-        x = image[k] - image[k].mean(dtype=np.float64)
-        y = cell[k] - cell[k].mean(dtype=np.float64)
+        x, y = (image[k], cell[k]) if within is None else (image[k][within[k]], cell[k][within[k]])
+        if x.size < 2:
+            continue
+        x, y = x - x.mean(dtype=np.float64), y - y.mean(dtype=np.float64)
         denom = np.sqrt(np.dot(x, x) * np.dot(y, y))
         out[k] = np.dot(x, y) / denom if denom > 0 else 0.0
     return out
+
+
+def labelled_images(labels: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """Per class, the cells of the images that carry it: (n_classes, n_cells) bool.
+
+    An image carries a class where any of its cells is labelled with it, which, where cells hold
+    their image's labels, is the image label itself.
+    """
+    codes = pd.factorize(image_ids)[0]
+    carried = np.zeros((labels.shape[0], codes.max() + 1 if len(codes) else 0), dtype=bool)
+    for k in range(labels.shape[0]):
+        carried[k, codes[labels[k].astype(bool)]] = True
+    return carried[:, codes]
 
 
 def decide_fusion(

@@ -31,7 +31,8 @@ from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
+from ensemble.selectors.fusion import (FUSION_MODES, aggregate, decide_fusion, fuse, labelled_images,
+                                       stream_correlation)
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import average_precision, map_many, mean_average_precision
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
@@ -159,11 +160,13 @@ def select_ensemble(
     predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
     per_class = {m: average_precision(targets.truth, p) for m, p in predictions.items()}
     in_sample = {m: float(np.nanmean(ap)) for m, ap in per_class.items()}
+    in_sample_mean = {m: _fold_mean_map(targets.truth, p, folds) for m, p in predictions.items()}
 
     out_of_sample = {}
     if nested:
         out_of_sample = _nested_scores(oof, targets, moments, settings, greedy_params, list(predictions), n_jobs)
-    scores = {m: MethodScore(in_sample=in_sample[m], **out_of_sample.get(m, {})) for m in predictions}
+    scores = {m: MethodScore(in_sample=in_sample[m], in_sample_mean=in_sample_mean[m], **out_of_sample.get(m, {}))
+              for m in predictions}
     return replace(
         spec,
         per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, per_class["hcpl"], strict=True)},
@@ -248,7 +251,10 @@ def _fit(
             {"image": image_models},
             _image_weights(settings.weights, image_models),
         )
-        correlation = stream_correlation(image, cell)
+        statistics = {"all": stream_correlation(image, cell),
+                      "labelled": stream_correlation(image, cell, within=labelled_images(
+                          truth, oof.index["image_id"].to_numpy()[rows]))}
+        correlation = statistics["labelled" if settings.fusion == "paper" else "all"]
         scored = targets.cell_level[rows]
         if scored.any():
             ap_product = average_precision(truth[:, scored], (cell * image)[:, scored])
@@ -265,6 +271,10 @@ def _fit(
         override_margin=settings.override_margin,
         fold_gain=fold_gain,
     )
+    if correlation is not None:
+        rules = {name: replace(rule, correlation_labelled=float(statistics["labelled"][k]),
+                               correlation_all=float(statistics["all"][k]))
+                 for k, (name, rule) in enumerate(rules.items())}
     return EnsembleSpec(
         models=oof.models,
         tags=oof.tags,
@@ -379,6 +389,14 @@ def _fit_baselines(
 
 def _weighted_mean(oof: OOFSet, weights: Mapping[str, float], rows: slice | np.ndarray) -> np.ndarray:
     return aggregate({m: oof.cell[m][:, rows] for m in weights}, {"all": list(weights)}, weights)
+
+
+def _fold_mean_map(truth: np.ndarray, score: np.ndarray, folds: Mapping[int, slice]) -> float:
+    """Mean over folds of each fold's mAP: the form of ``nested_mean``, for in-sample predictions."""
+    with warnings.catch_warnings():  # a class without positives in a fold is NaN there
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean([np.nanmean(average_precision(truth[:, rows], score[:, rows]))
+                                 for rows in folds.values()]))
 
 
 def _nested_scores(

@@ -29,7 +29,10 @@ class MethodScore:
     Attributes
     ----------
     in_sample : float
-        Fitted and scored on all OOF rows: optimistic, since the choices were tuned on them.
+        Fitted and scored on all OOF rows, pooled into one ranking per class: optimistic, since
+        the choices were tuned on them. Compare with ``nested_pooled``.
+    in_sample_mean : float, optional
+        The same predictions scored fold by fold, then averaged. Compare with ``nested_mean``.
     nested_folds : dict of int to float, optional
         Per outer fold ``f``: fitted on the other folds, scored on ``f``.
     nested_mean : float, optional
@@ -41,6 +44,7 @@ class MethodScore:
     """
 
     in_sample: float
+    in_sample_mean: float | None = None
     nested_folds: dict[int, float] | None = None
     nested_mean: float | None = None
     nested_pooled: float | None = None
@@ -243,11 +247,13 @@ class EnsembleSpec:
         lines += [f"  groups: {self.groups}", f"  image stream from: {', '.join(self.image_models) or '-'}", ""]
         held_out = {m: (self.scores[m].nested_per_class or {}) if m in self.scores else {}
                     for m in ("hcpl", "hcpl_unfused")}
-        lines.append(f"  {'class':<42}{'rule':<9}{'r':>7}{'AP prod':>9}{'AP cell':>9}{'AP ens':>9}"
-                     f"{'out ens':>9}{'out cell':>9}  reason   (out: mean AP over held-out folds, nested)")
+        lines.append(f"  {'class':<42}{'rule':<9}{'r lab':>7}{'r all':>7}{'AP prod':>9}{'AP cell':>9}{'AP ens':>9}"
+                     f"{'out ens':>9}{'out cell':>9}  reason   (r lab: over images with the class, the paper's; "
+                     "r all: over all cells; out: mean AP over held-out folds, nested)")
         for name, rule in self.fusion.items():
             lines.append(
-                f"  {name:<42}{rule.rule:<9}{_fmt(rule.correlation, 7)}{_fmt(rule.ap_product, 9)}"
+                f"  {name:<42}{rule.rule:<9}{_fmt(rule.correlation_labelled, 7)}{_fmt(rule.correlation_all, 7)}"
+                f"{_fmt(rule.ap_product, 9)}"
                 f"{_fmt(rule.ap_cell, 9)}{_fmt(self.per_class_ap.get(name), 9)}"
                 f"{_fmt(held_out['hcpl'].get(name), 9)}{_fmt(held_out['hcpl_unfused'].get(name), 9)}  {rule.reason}"
             )
@@ -255,12 +261,13 @@ class EnsembleSpec:
             won, lost, n = verdict
             lines.append(f"  out of sample (nested), of the {n} classes fused the product beat the cell stream alone "
                          f"on {won}, lost on {lost}, tied on {n - won - lost}")
-        lines += ["", f"  {'mAP':<14}{'in-sample':>10}{'nested mean':>13}{'nested pooled':>15}  per fold"]
+        lines += ["", f"  {'mAP':<14}{'fold mean: in-sample':>21}{'nested':>8}{'pooled: in-sample':>19}"
+                      f"{'nested':>8}  nested per fold"]
         for method, score in self.scores.items():
             folds = " ".join(f"{v:.4f}" for v in (score.nested_folds or {}).values())
             lines.append(
-                f"  {method:<14}{_fmt(score.in_sample, 10)}{_fmt(score.nested_mean, 13)}"
-                f"{_fmt(score.nested_pooled, 15)}  {folds}"
+                f"  {method:<14}{_fmt(score.in_sample_mean, 21)}{_fmt(score.nested_mean, 8)}"
+                f"{_fmt(score.in_sample, 19)}{_fmt(score.nested_pooled, 8)}  {folds}"
             )
         if self.greedy is not None:
             top = sorted(self.greedy.weights.items(), key=lambda kv: -kv[1])
@@ -283,7 +290,8 @@ class EnsembleSpec:
 def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact_path: str = "ensemble") -> None:
     """Log the spec (``<artifact_path>/ensemble_spec.json``), the plots and the mAPs to the active run.
 
-    Metrics: ``map_<method>`` (in-sample), ``map_<method>_nested`` (pooled out-of-sample) and the
+    Metrics, each in both forms (``_fold_mean``: mean of the folds' mAPs; ``_pooled``: one mAP
+    over all folds' cells): ``map_<method>_in_sample_*`` and ``map_<method>_nested_*``; and the
     blocks' agreement with backbone families, within each kind (``blocks_family_ari``) and with
     family alone (``blocks_family_only_ari``).
 
@@ -301,8 +309,10 @@ def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact
         mlflow.log_artifact(str(plot), artifact_path)
     metrics = {}
     for method, score in spec.scores.items():
-        metrics[f"map_{method}"] = score.in_sample
-        metrics[f"map_{method}_nested"] = score.nested_pooled
+        metrics[f"map_{method}_in_sample_pooled"] = score.in_sample
+        metrics[f"map_{method}_in_sample_fold_mean"] = score.in_sample_mean
+        metrics[f"map_{method}_nested_pooled"] = score.nested_pooled
+        metrics[f"map_{method}_nested_fold_mean"] = score.nested_mean
     metrics["blocks_family_ari"] = spec.family_agreement()
     metrics["blocks_family_only_ari"] = spec.family_agreement(within_kinds=False)
     mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})

@@ -26,7 +26,7 @@ from ensemble.models.backbones import family_of
 from ensemble.plots import training_curves
 from ensemble.cluster import job_bundle
 from ensemble.storage import arrow_filesystem, join, read_bytes
-from ensemble.trainers.loop import JobConfig, train_loop_per_worker
+from ensemble.trainers.loop import OOF_METRICS, JobConfig, train_loop_per_worker
 from ensemble.zoo import ModelSpec, spec_params
 
 
@@ -49,9 +49,10 @@ class JobResult:
     model: str
     fold: int
     run_id: str
-    best_val_map: float
+    best_val_map: float   # on the job's inner validation split, which chose the epoch
     best_epoch: int
     epochs: int
+    oof_map: float        # on the held-out fold, measured once, after the choice
     seconds: float
     skipped: bool
     oof_uri: str
@@ -106,6 +107,7 @@ def _result_of(run, spec: ModelSpec, fold: int, ctx: RunContext, seconds: float,
     return JobResult(model=spec.name, fold=fold, run_id=run.info.run_id,
                      best_val_map=float(metrics.get("best_val_map", float("nan"))),
                      best_epoch=int(metrics.get("best_epoch", -1)), epochs=int(metrics.get("epochs", 0)),
+                     oof_map=float(metrics.get("oof_map", float("nan"))),
                      seconds=seconds, skipped=skipped, oof_uri=oof_uri(ctx.workdir, spec.name, fold))
 
 
@@ -133,7 +135,8 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
         client.set_tag(run_id, tracking.TAG_NODE, summary["node_id"])  # the Ray node its (last) workers ran on
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(summary[k]), now, 0)
-                                          for k in ("best_val_map", "best_epoch", "epochs")])
+                                          for k in ("best_val_map", "best_epoch", "epochs", *OOF_METRICS)
+                                          if k in summary])
         with tempfile.TemporaryDirectory() as tmp:
             oof = Path(tmp) / "oof.parquet"
             oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold)))

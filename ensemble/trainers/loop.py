@@ -1,9 +1,11 @@
 """The per-worker training loop of one (model, fold) job, run by Ray Train.
 
-Each epoch: train on the other folds' cells, predict every cell of the held-out fold, score it,
-checkpoint. The predictions of the best epoch are the job's out-of-fold (OOF) table, so no second
-prediction pass is needed at the end. A restarted worker (killed process, lost node, re-run of
-train_all) resumes from the latest checkpoint that Ray Train hands back.
+Each epoch: train on the other folds' cells, less an inner validation split of their images;
+score the epoch on that split; checkpoint. When training stops, the best epoch's weights predict
+every cell of the held-out fold once: that is the job's out-of-fold (OOF) table. No label of the
+held-out fold reaches the weights, the choice of epoch or early stopping, so OOF scores, and
+everything fitted on them downstream, are out of sample. A restarted worker (killed process, lost
+node, re-run of train_all) resumes from the latest checkpoint that Ray Train hands back.
 
 Input: DataLoader worker processes (``placement.loader_workers``) read, augment and convert the
 crops while the model steps; the training loader is built once per job and its workers persist
@@ -34,6 +36,7 @@ import ray.train.torch
 
 from ensemble.data.augment import build_augment
 from ensemble.data.datasets import BagDataset, CellDataset, ImageChunks, make_loader
+from ensemble.data.folds import inner_split
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.metrics import cell_map
 from ensemble.models import build_model, fit_size, init_class_prior
@@ -44,6 +47,7 @@ from ensemble.storage import write_parquet
 from ensemble.zoo import ModelSpec, Placement, TrainSettings
 
 PREDICT_CHUNK_CELLS = 1024  # cells of whole images read from the store per prediction step
+OOF_METRICS = ("oof_map", "oof_map_image", "oof_map_product")  # the held-out fold's scores, in a job's summary
 
 
 @dataclass(frozen=True)
@@ -82,18 +86,32 @@ def loader_workers(placement: Placement) -> int:
     return max(0, int(placement.cpus_per_worker) - 1)
 
 
+def job_rows(store: CellStore, fold: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Store rows a job trains on, chooses its epoch on, and predicts: (train, validation, held-out).
+
+    The validation rows are the cells of a stratified ``settings.val_fraction`` of the training
+    folds' images (:func:`~ensemble.data.folds.inner_split`), drawn with the job's seed.
+    """
+    fold_of_cell = store.cells["fold"].to_numpy()
+    training = np.flatnonzero(fold_of_cell != fold)
+    image_ids = store.cells["image_id"].to_numpy()[training]
+    images, first, which = np.unique(image_ids, return_index=True, return_inverse=True)
+    inner = inner_split(store.labels("weak")[training[first]], settings.val_fraction, settings.seed)
+    return training[~inner[which]], training[inner[which]], np.flatnonzero(fold_of_cell == fold)
+
+
 @torch.no_grad()
-def predict_fold(model: torch.nn.Module, store: CellStore, fold: int, spec: ModelSpec, device: torch.device,
+def predict_rows(model: torch.nn.Module, store: CellStore, rows: np.ndarray, spec: ModelSpec, device: torch.device,
                  batch_size: int = 128, workers: int = 0) -> pd.DataFrame:
-    """Probabilities of every cell of ``fold`` (cell stream, and image stream for DSA), one row per cell.
+    """Probabilities of every cell of ``rows`` (cell stream, and image stream for DSA), one row per cell.
 
     The same path as serving (:func:`~ensemble.models.inference.predict_cells`), fed whole
-    images of the fold at a time (:class:`~ensemble.data.datasets.ImageChunks`), read by
-    ``workers`` processes while the model predicts; the chunks, and so the predictions, do not
-    depend on ``workers``.
+    images at a time (:class:`~ensemble.data.datasets.ImageChunks`), read by ``workers``
+    processes while the model predicts; the chunks, and so the predictions, do not depend on
+    ``workers``.
     """
     model.eval()
-    chunks = ImageChunks(store, folds=[fold], max_cells=PREDICT_CHUNK_CELLS)
+    chunks = ImageChunks(store, rows=rows, max_cells=PREDICT_CHUNK_CELLS)
     table = store.cells.iloc[chunks.rows][[*KEYS, "fold"]].reset_index(drop=True)
     cell = np.zeros((len(table), len(CELL_COLUMNS)), np.float32)
     image = np.zeros_like(cell) if spec.head == "dsa" else None
@@ -109,18 +127,18 @@ def predict_fold(model: torch.nn.Module, store: CellStore, fold: int, spec: Mode
     return table
 
 
-def score_oof(oof: pd.DataFrame, labels: np.ndarray) -> dict[str, float]:
-    """Validation metrics of an OOF table: cell mAP, and for DSA the image stream and the product."""
-    metrics = {"val_map": cell_map(labels, oof[CELL_COLUMNS].to_numpy()).map}
-    if IMAGE_COLUMNS[0] in oof:
-        image = oof[IMAGE_COLUMNS].to_numpy()
-        metrics["val_map_image"] = cell_map(labels, image).map
-        metrics["val_map_product"] = cell_map(labels, image * oof[CELL_COLUMNS].to_numpy()).map
+def score_predictions(predictions: pd.DataFrame, labels: np.ndarray, prefix: str = "val") -> dict[str, float]:
+    """Cell mAP of a prediction table, and for DSA of the image stream and of the product of both."""
+    metrics = {f"{prefix}_map": cell_map(labels, predictions[CELL_COLUMNS].to_numpy()).map}
+    if IMAGE_COLUMNS[0] in predictions:
+        image = predictions[IMAGE_COLUMNS].to_numpy()
+        metrics[f"{prefix}_map_image"] = cell_map(labels, image).map
+        metrics[f"{prefix}_map_product"] = cell_map(labels, image * predictions[CELL_COLUMNS].to_numpy()).map
     return metrics
 
 
-def train_loader(store: CellStore, folds: list[int], spec: ModelSpec, device: torch.device, world_size: int = 1,
-                  rank: int = 0) -> DataLoader:
+def train_loader(store: CellStore, rows: np.ndarray, spec: ModelSpec, device: torch.device, world_size: int = 1,
+                 rank: int = 0) -> DataLoader:
     """The job's training loader, built once: call :func:`start_epoch` before each pass.
 
     Its sampler shuffles with the job's seed and the epoch, and with several Ray Train workers
@@ -130,11 +148,11 @@ def train_loader(store: CellStore, folds: list[int], spec: ModelSpec, device: to
     settings = spec.train
     transform = build_augment(settings.augment) if settings.augment > 0 else None
     if spec.head == "dsa":
-        dataset = BagDataset(store, folds=folds, bag_size=spec.cells_per_image, train=True, labels=settings.labels,
+        dataset = BagDataset(store, rows=rows, bag_size=spec.cells_per_image, train=True, labels=settings.labels,
                              transform=transform, seed=settings.seed, in_memory=spec.placement.in_memory)
         batch = max(1, settings.batch_size // spec.cells_per_image)
     else:
-        dataset = CellDataset(store, folds=folds, labels=settings.labels, transform=transform,
+        dataset = CellDataset(store, rows=rows, labels=settings.labels, transform=transform,
                               in_memory=spec.placement.in_memory)
         batch = settings.batch_size
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
@@ -260,15 +278,13 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
 
     store = CellStore(job.store)
-    fold_of_cell = store.cells["fold"].to_numpy()
-    train_folds = sorted(set(np.unique(fold_of_cell).tolist()) - {job.fold})
-    labels, label_source = evaluation_labels(store)
-    labels = labels[fold_of_cell == job.fold]
-    rates = store.labels("weak")[fold_of_cell != job.fold].mean(axis=0)
+    train_rows, val_rows, held_rows = job_rows(store, job.fold, settings)
+    truth, label_source = evaluation_labels(store)
+    rates = store.labels("weak")[train_rows].mean(axis=0)
 
     model = build_model(spec)
     if settings.prior_init:
-        init_class_prior(model, store.labels(settings.labels)[fold_of_cell != job.fold].mean(axis=0))
+        init_class_prior(model, store.labels(settings.labels)[train_rows].mean(axis=0))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = _criterion(spec, rates).to(device)
@@ -284,7 +300,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 state, best_weights = restore_state(Path(directory), model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
-    loader = train_loader(store, train_folds, spec, device, context.get_world_size(), rank)
+    loader = train_loader(store, train_rows, spec, device, context.get_world_size(), rank)
     workers = loader_workers(spec.placement)
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
@@ -301,13 +317,11 @@ def train_loop_per_worker(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
-                oof = predict_fold(bare, store, job.fold, spec, device, workers=workers)
-                metrics.update(score_oof(oof, labels))
-                improved = metrics["val_map"] > state["best"]
-                if improved:
+                validation = predict_rows(bare, store, val_rows, spec, device, workers=workers)
+                metrics.update(score_predictions(validation, truth[val_rows]))
+                if best_weights is None or metrics["val_map"] > state["best"]:
                     state.update(best=metrics["val_map"], best_epoch=epoch, bad_epochs=0)
                     best_weights = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
-                    write_parquet(oof, job.oof_path)   # the best epoch's predictions are the OOF
                 else:
                     state["bad_epochs"] += 1
                 state["epoch"] = epoch + 1
@@ -322,6 +336,13 @@ def train_loop_per_worker(config: dict) -> dict:
             ray.train.report(metrics, checkpoint=report_checkpoint)
         if _agree(stop):
             break
-    return {"best_val_map": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-            "history": state["history"], "label_source": label_source, "world_size": context.get_world_size(),
-            "node_id": ray.get_runtime_context().get_node_id()}
+    summary = {"best_val_map": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+               "history": state["history"], "label_source": label_source, "world_size": context.get_world_size(),
+               "node_id": ray.get_runtime_context().get_node_id()}
+    if rank == 0:
+        # The held-out fold, predicted once by the chosen epoch: the OOF table and its score.
+        bare.load_state_dict(best_weights)
+        oof = predict_rows(bare, store, held_rows, spec, device, workers=workers)
+        write_parquet(oof, job.oof_path)
+        summary.update(score_predictions(oof, truth[held_rows], prefix="oof"))
+    return summary

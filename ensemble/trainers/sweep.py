@@ -3,7 +3,9 @@
 Tune + Train under Ray Train V2: the trainable is a driver function that builds a
 ``TorchTrainer`` whose ``TuneReportCallback`` forwards each epoch's report to Tune (STACK.md).
 Search spaces are YAML (:mod:`ensemble.search_space`); the best config is written beside the
-zoo's runs and recorded in MLflow, and ``train_all --sweep`` trains with it.
+zoo's runs and recorded in MLflow, and ``train_all --sweep`` trains with it. Trials are scored on
+the job's inner validation split (``val_map``), never on its held-out fold, so the config chosen
+here leaves that fold's OOF out of sample.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
             try:
                 result = ray.get(done[0])
                 results.append(result)
-                bar.set_postfix_str(f"{name} fold {fold}: val mAP {result.best_val_map:.3f}"
+                bar.set_postfix_str(f"{name} fold {fold}: val mAP {result.best_val_map:.3f}, "
+                                    f"held-out {result.oof_map:.3f}"
                                     + (" (done before)" if result.skipped else ""))
             except Exception as err:  # one failed job must not lose the others' work
                 failures.append((name, fold, err))
@@ -154,6 +155,8 @@ def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobR
         rows.append({"model": spec.name, "head": spec.head, "backbone": spec.backbone,
                      "oof_cell_map": cell_map(labels[at], table[CELL_COLUMNS].to_numpy()).map,
                      "labels": source,
+                     # per-fold means, the form of the selector's nested scores
+                     "fold_oof_map_mean": float(np.mean([r.oof_map for r in jobs if r.model == spec.name])),
                      "fold_val_map_mean": float(np.mean([r.best_val_map for r in jobs if r.model == spec.name])),
                      "train_minutes": sum(r.seconds for r in jobs if r.model == spec.name) / 60})
     return pd.DataFrame(rows)
