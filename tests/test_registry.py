@@ -76,8 +76,11 @@ def tiny_spec(**changes):
     """An ensemble selected from synthetic OOF of two models named like MODEL_SPECS (one DSA)."""
     synthetic = make_synthetic_oof(n_images=40, cells_per_image=5, n_folds=2,
                                    families={"resnet": ("dsa", 1), "effnet": ("cla", 1)})
-    spec = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", aggregation="hierarchical",
-                           nested=False, greedy=False)
+    options = dict(fusion="paper", aggregation="hierarchical", nested=False, greedy=False)
+    spec = select_ensemble(synthetic.oof, synthetic.labels, **options)
+    # A threshold in the middle of the classes' correlations, so that both rules are used.
+    middle = float(np.median([rule.correlation for rule in spec.fusion.values()]))
+    spec = select_ensemble(synthetic.oof, synthetic.labels, rho_th=middle, **options)
     assert sorted(spec.members.values()) == sorted(MODEL_SPECS)
     assert {r.rule for r in spec.fusion.values()} == {"product", "cell"}, "both fusion rules are exercised"
     return dataclasses.replace(spec, **changes)

@@ -119,7 +119,7 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, m
     assert EnsembleSpec.from_json(tmp_path / "ensemble" / "ensemble_spec.json").members == spec.members
     assert (tmp_path / "ensemble" / "correlation.png").stat().st_size > 0
     (select_run,) = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "select"}, uri)
-    assert select_run.info.status == "FINISHED" and "map_hcpl_nested_fold_mean" in select_run.data.metrics
+    assert select_run.info.status == "FINISHED" and "map_hcpl_in_sample_fold_mean" in select_run.data.metrics
 
     # A zoo without a DSA head has no image stream to fuse: the step selects without fusion.
     cla_only = tmp_path / "cla_only"
