@@ -54,9 +54,11 @@ def cmd_simulate(args) -> int:
     from ensemble.plots import contact_sheet
 
     result = simulate(args.out, n_images=args.images, seed=args.seed, size=args.image_px, difficulty=args.difficulty,
-                      bit_depth=args.bit_depth, rare_oversample=args.rare_oversample, split=args.split)
+                      bit_depth=args.bit_depth, rare_oversample=args.rare_oversample, split=args.split,
+                      min_captured=args.min_captured)
     sheet = contact_sheet(args.out, Path(args.out) / "contact_sheet.png", split=args.split)
-    print(f"simulated {len(result.image_ids)} images, {result.n_cells} cells in {result.seconds:.1f} s -> {args.out}")
+    print(f"simulated {len(result.image_ids)} images, {result.n_cells} cells in the truth, in {result.seconds:.1f} s"
+          f" -> {args.out}")
     print(f"contact sheet: {sheet}")
     return 0
 
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
     p.add_argument("--rare-oversample", type=float, default=1.0, help="boost rare classes (1 = real rates)")
     p.add_argument("--split", default="train")
+    p.add_argument("--min-captured", type=float, default=0.5,
+                   help="cells less inside the image are left out of the truth, as HPA's annotators did (0: keep all)")
     p.set_defaults(func=cmd_simulate)
 
     def segmenter_options(p):

@@ -69,22 +69,24 @@ class DemoResult:
 
 def run_demo(out: str | Path = "demo", *, images: int = 240, image_px: int = 384, difficulty: str = "medium",
              epochs: int | None = None, test_images: int = 40, relabel_rounds: int | None = None,
-             integrity: bool = False) -> DemoResult:
-    """Train the quick zoo on a simulated dataset, register the ensemble, score it on unseen images.
+             integrity: bool = False, zoo: str = "quick", seed: int = 0) -> DemoResult:
+    """Train a zoo (the quick one) on a simulated dataset, register the ensemble, score it on unseen images.
 
     Everything goes under ``out``: the datasets, the store, Ray checkpoints, OOF tables and, unless
-    ``MLFLOW_TRACKING_URI`` says otherwise, the MLflow database ``out/mlflow.db``.
+    ``MLFLOW_TRACKING_URI`` says otherwise, the MLflow database ``out/mlflow.db``. The training
+    images are simulated with ``seed``, the test images with ``TEST_SEED + seed``.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
-    data = default_dataset(out, images, seed=0, image_px=image_px, difficulty=difficulty)
-    zoo = zoo_with(load_zoo("quick", {"epochs": epochs} if epochs else None), relabel_rounds=relabel_rounds,
+    data = default_dataset(out, images, seed=seed, image_px=image_px, difficulty=difficulty)
+    zoo = zoo_with(load_zoo(zoo, {"epochs": epochs} if epochs else None), relabel_rounds=relabel_rounds,
                    integrity=integrity)
     pipeline = train_all(zoo, data=data, workdir=str(out))
     test_root = out / "test_data"
     if not (test_root / "test.csv").exists():
-        simulate(test_root, n_images=test_images, seed=TEST_SEED, size=image_px, difficulty=difficulty, split="test")
+        simulate(test_root, n_images=test_images, seed=TEST_SEED + seed, size=image_px, difficulty=difficulty,
+                 split="test")
     predictions = predict_images("models:/hpa-ensemble@champion", str(test_root), split="test",
                                  out=str(out / "test_predictions.parquet"), members=True)
     rows = {"ensemble": evaluate(predictions.out, str(test_root), plot=out / "test_per_class.png")}

@@ -190,9 +190,11 @@ def relabel_step(zoo: Zoo, workdir: str, *, tracking_uri: str | None = None, pro
 def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> IntegrityResult:
     """Fit the VID of ``zoo.integrity`` on the store, score it held out, decide the weighting.
 
-    The held-out weights (cross-validated by image) multiply the ensemble's OOF probabilities,
-    so ``weighting: auto`` turns weighting on only where it raised the OOF cell mAP. Resumable:
-    the held-out table and the model are kept under ``{workdir}/integrity``.
+    The held-out weights (cross-validated by image) multiply the ensemble's nested predictions
+    (each fold's cells predicted by the selection fitted without that fold; the in-sample ones
+    when the spec was selected without nesting), so ``weighting: auto`` turns weighting on only
+    where it raised the out-of-sample cell mAP. Resumable: the held-out table and the model are
+    kept under ``{workdir}/integrity``.
     """
     settings = zoo.integrity
     params = dict(backbone=settings.backbone, pretrained=settings.pretrained, epochs=settings.epochs,
@@ -210,7 +212,7 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
         write_parquet(cv.cells, cv_uri)  # last: its presence marks the step done
     if not exists(join(model_uri, "config.json")):
         IntegrityModel(**params).fit(store, labels_csv=settings.labels_csv).save(model_uri)
-    fused = apply_spec(spec, oof)
+    fused = spec.nested_predictions if spec.nested_predictions is not None else apply_spec(spec, oof)
     weights = cv.cells.set_index(KEYS)[f"w_{settings.rule}"]
     # Cells without a good/bad label were not held out: they keep weight 1.
     w = weights.reindex(pd.MultiIndex.from_frame(fused[KEYS])).fillna(1.0).to_numpy()

@@ -35,7 +35,8 @@ def contact_sheet(
     The composite shows red = microtubules, green = protein, blue = nucleus, with yellow (ER) added
     to red and green, as the HPA displays it. Cell outlines come from ``ROOT/{mask_dir}/{ID}.png``
     when present (``truth/masks`` for simulated data, ``masks`` for given masks), and each cell is
-    annotated with its labels from ``truth/cell_labels.csv`` when present.
+    annotated with its labels from ``truth/cell_labels.csv`` when present. Cells the simulator left
+    out of the truth (``truth/left_out``: cut by the border) are outlined in orange, marked "x".
 
     Returns
     -------
@@ -69,10 +70,18 @@ def contact_sheet(
                 text = cell_labels.get((row["ID"], int(cell_id)))
                 if text is not None:
                     ax_green.text(x, y, text, color="white", fontsize=7, ha="center", va="center")
+        left_out_path = root / "truth" / "left_out" / f"{row['ID']}.png"
+        if left_out_path.exists():
+            left_out = np.asarray(Image.open(left_out_path))
+            edge = find_boundaries(left_out, mode="inner")
+            composite[edge] = protein[edge] = (1.0, 0.55, 0.0)
+            ids = np.unique(left_out[left_out > 0])
+            for y, x in ndimage.center_of_mass(left_out > 0, left_out, ids):
+                ax_green.text(x, y, "x", color="orange", fontsize=8, ha="center", va="center")
         ax_rgb.imshow(composite)
         ax_green.imshow(protein)
         ax_rgb.set_title(f"{row['ID']}  [{row['Label']}]", color="white", fontsize=9)
-        ax_green.set_title("green (protein), cell labels", color="white", fontsize=9)
+        ax_green.set_title("green (protein), cell labels; x: left out of the truth", color="white", fontsize=9)
         for ax in (ax_rgb, ax_green):
             ax.set_axis_off()
     fig.tight_layout()

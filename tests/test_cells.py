@@ -73,7 +73,10 @@ def test_store_layout_and_contents(store, dataset):
     expected = hpa.label_matrix(index.set_index("ID").loc[[image_id], "labels"])[0]
     np.testing.assert_array_equal(cells.labels("weak")[cells.image_slice(image_id)], np.tile(expected, (len(part), 1)))
     truth = cells.labels("truth")
-    assert np.isfinite(truth).all(axis=1).mean() > 0.8
+    # Cells cut by the border are left out of the simulator's truth: their segmented cells have none.
+    matched = np.isfinite(truth).all(axis=1)
+    assert matched.mean() > 0.6
+    assert table["touches_border"].to_numpy()[~matched].mean() > table["touches_border"].to_numpy()[matched].mean()
     assert {"truth_iou", "truth_captured", "touches_border", "perimeter", "intensity_flag"} <= set(table.columns)
     # A crop is its cell only: pixels outside the crop's own mask are zero, inside mostly not.
     crops = cells.crops(np.arange(len(table)))

@@ -42,27 +42,31 @@ def test_in_memory_and_worker_processes_give_the_same_items(store):
     np.testing.assert_array_equal(images.numpy(), np.stack([memory[i]["image"].numpy() for i in range(len(memory))]))
 
 
-def test_bags_pad_small_images_and_sample_large_ones(store):
+def test_training_bags_deal_every_cell_of_an_image_once_per_epoch_and_anew_each_epoch(store):
     counts = store.cells.groupby("image_id").size()
     bag_size = int(counts.median())
     data = BagDataset(store, bag_size=bag_size, train=True, seed=1)
-    assert len(data) == len(counts)
-    for i, image_id in enumerate(data.image_ids):
-        bag = data[i]
-        n = min(counts[image_id], bag_size)
-        assert bag["cells"].shape == (bag_size, 4, 16, 16)
-        assert bag["valid"].sum() == n and bag["valid"][:n].all()
-        assert (bag["rows"][n:] == -1).all() and (bag["cells"][n:] == 0).all() and (bag["cell_targets"][n:] == 0).all()
-        rows = bag["rows"][:n].numpy()
-        assert (store.cells["image_id"].to_numpy()[rows] == image_id).all()
-        np.testing.assert_array_equal(bag["image_target"].numpy(), store.labels("weak")[rows[0]])
-        np.testing.assert_array_equal(bag["cell_targets"][:n].numpy(), store.labels("weak")[rows])
-    big = int(np.flatnonzero(counts[data.image_ids].to_numpy() > bag_size)[0])
-    subsets = set()
-    for epoch in range(4):
+    assert len(data) == int(np.ceil(counts / bag_size).sum()) > len(counts)
+    image_of_cell = store.cells["image_id"].to_numpy()
+    dealt = {}
+    for epoch in range(3):
         data.set_epoch(epoch)
-        subsets.add(tuple(data[big]["rows"].tolist()))
-    assert len(subsets) > 1
+        bags = [data[i] for i in range(len(data))]
+        for (image, _), bag in zip(data.items, bags):
+            n = int(bag["valid"].sum())
+            assert bag["cells"].shape == (bag_size, 4, 16, 16) and bag["valid"][:n].all()
+            assert (bag["rows"][n:] == -1).all() and (bag["cells"][n:] == 0).all() and (bag["cell_targets"][n:] == 0).all()
+            rows = bag["rows"][:n].numpy()
+            assert (image_of_cell[rows] == data.image_ids[image]).all()
+            np.testing.assert_array_equal(bag["image_target"].numpy(), store.labels("weak")[rows[0]])
+            np.testing.assert_array_equal(bag["cell_targets"][:n].numpy(), store.labels("weak")[rows])
+        rows = np.concatenate([b["rows"][b["valid"]].numpy() for b in bags])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(len(store.cells)))  # each cell once
+        sizes = np.array([int(b["valid"].sum()) for b in bags])
+        starts = np.r_[0, np.cumsum([n for _, n in zip(*np.unique([i for i, _ in data.items], return_counts=True))])]
+        assert all(np.ptp(sizes[a:b]) <= 1 for a, b in zip(starts[:-1], starts[1:]))  # near-equal bags
+        dealt[epoch] = [tuple(b["rows"].tolist()) for b in bags]
+    assert dealt[0] != dealt[1] != dealt[2]
 
 
 def test_prediction_bags_cover_every_cell_exactly_once(store):

@@ -31,6 +31,7 @@ from ensemble.selectors import (
     prediction_moments,
     select_ensemble,
 )
+from ensemble.oof import CELL_COLUMNS, align_labels
 from ensemble.selectors.fusion import aggregate
 
 FAST_GREEDY = GreedyParams(n_bags=3, max_size=10)
@@ -232,6 +233,16 @@ def test_in_sample_and_nested_scores_come_in_the_same_two_forms(spec):
     assert mean_all.nested_pooled == pytest.approx(mean_all.in_sample)
     assert mean_all.nested_mean == pytest.approx(mean_all.in_sample_mean)
     assert mean_all.in_sample_mean != pytest.approx(mean_all.in_sample, abs=1e-4), "the two forms differ"
+
+
+def test_the_nested_predictions_are_what_the_nested_scores_score_and_stay_out_of_the_json(spec, synthetic, tmp_path):
+    predictions = spec.nested_predictions
+    pd.testing.assert_frame_equal(predictions[["image_id", "cell_id", "fold"]], synthetic.oof.index)
+    truth = align_labels(synthetic.labels, synthetic.oof).truth
+    for fold, rows in synthetic.oof.fold_slices().items():
+        score = predictions[CELL_COLUMNS].to_numpy()[rows].T
+        assert _sklearn_map(truth[:, rows], score) == pytest.approx(spec.scores["hcpl"].nested_folds[fold])
+    assert EnsembleSpec.from_json(spec.to_json(tmp_path / "spec.json")).nested_predictions is None
 
 
 def _shuffle_fold(synthetic, fold: int, seed: int = 0):

@@ -57,8 +57,13 @@ def test_writes_the_kaggle_layout_and_the_truth(dataset):
     for row in rows:
         mask = np.asarray(Image.open(root / "truth" / "masks" / f"{row['ID']}.png"))
         nuclei = np.asarray(Image.open(root / "truth" / "nuclei" / f"{row['ID']}.png"))
+        left_out = np.asarray(Image.open(root / "truth" / "left_out" / f"{row['ID']}.png"))
         ids = sorted(int(c["cell_id"]) for c in cells if c["ID"] == row["ID"])
-        assert ids == list(range(1, len(ids) + 1)) == sorted(np.unique(mask[mask > 0]).tolist())
+        assert ids == sorted(np.unique(mask[mask > 0]).tolist())
+        assert not (mask.astype(bool) & left_out.astype(bool)).any()
+        # Annotated and left-out cells together are every cell drawn, numbered 1..n.
+        drawn = set(ids) | set(np.unique(left_out[left_out > 0]).tolist())
+        assert drawn == set(range(1, len(drawn) + 1))
         assert np.all(mask[nuclei > 0] == nuclei[nuclei > 0])  # a nucleus lies in its own cell
 
     settings = json.loads((root / "simulation.json").read_text())
@@ -82,7 +87,7 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         simulate(tmp_path / name, n_images=2, seed=seed, size=128, id_prefix="x-")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 2 * 4 + 2 * 2 + 3
+    assert len(files) == 2 * 4 + 2 * 3 + 3  # channels; truth masks, nuclei, left out; CSVs and settings
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     for name in CHANNELS:
@@ -149,11 +154,27 @@ def test_negative_images_have_only_negative_cells():
         simulate_image([1, 2], 128, labels=[NEGATIVE, 0])
 
 
-def test_border_cuts_some_cells(dataset):
-    root, _ = dataset
+def test_border_cuts_some_cells_and_the_truth_leaves_out_those_less_than_half_inside(dataset, tmp_path):
+    root, result = dataset
     captured = np.array([float(c["captured"]) for c in read_csv(root / "truth" / "cell_labels.csv")])
-    assert np.all((captured > 0) & (captured <= 1))
-    assert np.mean(captured < 1) > 0.1 and np.mean(captured == 1) > 0.3
+    assert np.all((captured >= 0.5) & (captured <= 1))
+    assert np.mean(captured < 1) > 0.05 and np.mean(captured == 1) > 0.3
+    left_out = sum(len(np.unique(np.asarray(Image.open(p)))) - 1 for p in (root / "truth" / "left_out").glob("*.png"))
+    assert left_out > 0
+    everything = simulate(tmp_path, n_images=6, seed=SEED, size=SIZE, min_captured=0.0)
+    assert everything.n_cells == result.n_cells + left_out
+    captured_all = np.array([float(c["captured"]) for c in read_csv(tmp_path / "truth" / "cell_labels.csv")])
+    assert np.sum(captured_all < 0.5) == left_out
+
+
+def test_the_annotated_truth_keeps_ids_and_labels_of_the_cells_mostly_inside():
+    sim = simulate_image([5, 1], 256, labels=[0, 16])
+    mask, labels = sim.annotated(0.5)
+    kept = {i for i, c in sim.captured.items() if c >= 0.5}
+    assert set(labels) == kept and kept != set(sim.captured)
+    assert all(labels[i] == sim.cell_labels[i] for i in kept)
+    assert set(np.unique(mask[mask > 0]).tolist()) == kept
+    np.testing.assert_array_equal(mask[mask > 0], sim.cell_mask[mask > 0])
 
 
 def test_layout_scales_with_the_image_size():

@@ -124,11 +124,12 @@ class CellDataset(Dataset):
 class BagDataset(Dataset):
     """Bags of up to ``bag_size`` cells of one image, for multiple-instance heads (DSA).
 
-    In training (``train=True``) each image is one item: an image with more than ``bag_size``
-    cells contributes a random subset, drawn anew each epoch (:meth:`set_epoch`). In prediction
-    (``train=False``) an image with M cells yields ceil(M / bag_size) items that together hold
-    every cell exactly once. Bags of images with fewer cells are padded: padded slots have
-    ``valid`` False, zero crops and targets, and ``rows`` -1.
+    An image with M cells yields ceil(M / bag_size) items that together hold every cell exactly
+    once, so an epoch sees every cell, as a cell-level model's epoch does. In training
+    (``train=True``) the image's cells are shuffled anew each epoch (:meth:`set_epoch`) and dealt
+    into bags of near-equal size; in prediction (``train=False``) bags are consecutive runs of
+    ``bag_size`` cells in store order. Bags with fewer cells than ``bag_size`` are padded: padded
+    slots have ``valid`` False, zero crops and targets, and ``rows`` -1.
 
     Parameters
     ----------
@@ -175,7 +176,7 @@ class BagDataset(Dataset):
         self.cell_targets = self.store.labels(labels)[self.rows]
         self.image_ids, self.starts, self.counts = _image_runs(self.store, self.rows)
         self.image_targets = self.store.labels("weak")[self.rows[self.starts]]
-        bags = np.ones_like(self.counts) if train else -(-self.counts // bag_size)
+        bags = -(-self.counts // bag_size)
         self.items = [(image, k) for image, n in enumerate(bags) for k in range(n)]
         self._crops = _Crops(self.store, self.rows, in_memory)
 
@@ -184,7 +185,7 @@ class BagDataset(Dataset):
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the cell subsets of this epoch (training only); seen by DataLoader workers too.
+        """Choose how this epoch deals each image's cells into bags (training only); seen by DataLoader workers too.
 
         Call it before iterating the loader for the epoch: workers read the epoch when they
         make an item, and a loader's iterator starts prefetching as soon as it is created.
@@ -198,8 +199,9 @@ class BagDataset(Dataset):
         image, k = self.items[i]
         start, count, size = self.starts[image], self.counts[image], self.bag_size
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, image])
-            picked = np.sort(rng.choice(count, size=min(count, size), replace=False))
+            # Every item of the image draws the same permutation, so the bags partition its cells.
+            order = np.random.default_rng([self.seed, self.epoch, image]).permutation(count)
+            picked = np.sort(np.array_split(order, -(-count // size))[k])
         else:
             picked = np.arange(k * size, min((k + 1) * size, count))
         positions = start + picked

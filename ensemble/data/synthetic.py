@@ -16,7 +16,9 @@ How one image is made (all lengths scale with the image size, so the same layout
 3. truth: which cells divide (only in mitotic-spindle images), which classes each cell carries,
    which fraction of each cell the image captures;
 4. channels: drawn cell by cell inside bounding boxes, from image-wide random textures;
-5. optics: blur, upsampling to the final size, background, shot and read noise.
+5. optics: blur, upsampling to the final size, background, shot and read noise;
+6. annotation: cells cut by the image border are left out of the truth, as HPA's annotators left
+   them out of the competition's ground truth (:meth:`SimulatedImage.annotated`).
 
 Steps 2 and 3 (but for the cells' classes) are in :mod:`ensemble.data.cell_layout`, steps 4 and 5 in
 :mod:`ensemble.data.cell_render`; this module holds the labels and puts the steps together.
@@ -49,7 +51,7 @@ from ensemble.data.cell_layout import choose_dividing, keep_largest_piece, layou
 from ensemble.data.cell_render import SPINDLE, Difficulty, Textures, draw_cell, make_view, optics, upsample_labels
 from ensemble.labels import CHANNELS, NEGATIVE, NUM_CLASSES, format_labels
 
-SIMULATOR_VERSION = "1.0"
+SIMULATOR_VERSION = "1.1"  # 1.1: border-cut cells left out of the truth
 
 # Share of HPA training images carrying each class, and of images with 1..5 labels.
 CLASS_SHARE = np.array(
@@ -62,6 +64,13 @@ RARE_SHARE = 0.05  # classes rarer than this are the ones `rare_oversample` boos
 # Range of the per-image share of cells carrying a class; the spindle goes to the dividing cells.
 CELL_SHARE = {15: (0.3, 0.6)}
 DEFAULT_CELL_SHARE = (0.7, 1.0)
+
+# A cell with less than this share of its body inside the image is left out of the truth: no labels,
+# not in the truth masks, as in the competition's ground truth ("at least 50 % of a cell has to be
+# captured" for a meaningful label). A prediction made for it is a false positive when scored, which
+# is what the visual-integrity weighting is for. Badly segmented cells need no rule here: a
+# segmented cell that matches no true cell at IoU >= 0.5 has no truth either.
+ANNOTATE_MIN_CAPTURED = 0.5
 
 # Structures are drawn at most at this size and upsampled: at 2048 px and beyond the optical blur
 # is wider than the upsampling step, and drawing costs grow with the pixel count.
@@ -96,6 +105,9 @@ class SimulatedImage:
         The image's (weak) label.
     captured : dict[int, float]
         Cell id -> fraction of the whole cell's body inside the image (1.0 when uncut).
+
+    ``cell_mask`` and ``cell_labels`` hold every cell drawn; :meth:`annotated` is the truth an
+    annotator gives, without the cells the border cuts.
     """
 
     image: np.ndarray
@@ -104,6 +116,16 @@ class SimulatedImage:
     cell_labels: dict[int, list[int]]
     image_labels: list[int]
     captured: dict[int, float]
+
+    def annotated(self, min_captured: float = ANNOTATE_MIN_CAPTURED) -> tuple[np.ndarray, dict[int, list[int]]]:
+        """The annotators' truth: cell mask and labels of the cells at least ``min_captured`` inside the image.
+
+        Cells left out keep their pixels in :attr:`cell_mask` but are 0 in the returned mask and
+        absent from the returned labels; kept cells keep their ids.
+        """
+        kept = np.array([0] + [self.captured[i] >= min_captured for i in range(1, len(self.captured) + 1)])
+        mask = np.where(kept[self.cell_mask], self.cell_mask, 0).astype(self.cell_mask.dtype)
+        return mask, {i: labels for i, labels in self.cell_labels.items() if kept[i]}
 
 
 @dataclass
@@ -302,14 +324,21 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def write_image(root: str | Path, image_id: str, sim: SimulatedImage, bit_depth: int = 8,
-                split: str = "train") -> None:
-    """Write one image's channel PNGs (``{split}/{ID}_{channel}.png``) and its truth masks."""
+                split: str = "train", min_captured: float = ANNOTATE_MIN_CAPTURED) -> dict[int, list[int]]:
+    """Write one image's channel PNGs (``{split}/{ID}_{channel}.png``) and its truth masks.
+
+    ``truth/masks`` and ``truth/nuclei`` hold the annotated cells (:meth:`SimulatedImage.annotated`),
+    ``truth/left_out`` the cells left out (for the contact sheet). Returns the annotated cells' labels.
+    """
     root = Path(root)
     channels = to_uint(sim.image, bit_depth)
     for k, name in enumerate(CHANNELS):
         _save_png(np.ascontiguousarray(channels[..., k]), root / split / f"{image_id}_{name}.png")
-    _save_png(sim.cell_mask, root / "truth" / "masks" / f"{image_id}.png")
-    _save_png(sim.nucleus_mask, root / "truth" / "nuclei" / f"{image_id}.png")
+    mask, labels = sim.annotated(min_captured)
+    _save_png(mask, root / "truth" / "masks" / f"{image_id}.png")
+    _save_png(np.where(mask > 0, sim.nucleus_mask, 0).astype(mask.dtype), root / "truth" / "nuclei" / f"{image_id}.png")
+    _save_png(np.where(mask > 0, 0, sim.cell_mask).astype(mask.dtype), root / "truth" / "left_out" / f"{image_id}.png")
+    return labels
 
 
 def simulate(
@@ -322,6 +351,7 @@ def simulate(
     rare_oversample: float = 1.0,
     split: str = "train",
     id_prefix: str | None = None,
+    min_captured: float = ANNOTATE_MIN_CAPTURED,
 ) -> SimulationResult:
     """Write a simulated dataset in the Kaggle layout, with its truth beside it.
 
@@ -329,6 +359,9 @@ def simulate(
     ``truth/masks/{ID}.png`` and ``truth/nuclei/{ID}.png`` (uint16 cell ids),
     ``truth/cell_labels.csv`` (``ID,cell_id,Label,captured``) and ``simulation.json``. Never
     ``masks/``: simulated images are segmented like real ones. Use one ``out`` per split.
+
+    The truth holds the cells at least ``min_captured`` inside the image (0 keeps every cell);
+    ``truth/left_out/{ID}.png`` has the others.
 
     Image ``i`` is drawn from ``numpy.random.default_rng([seed, i])``.
 
@@ -341,7 +374,9 @@ def simulate(
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     root = Path(out)
-    for folder in (root / split, root / "truth" / "masks", root / "truth" / "nuclei"):
+    if not 0.0 <= min_captured <= 1.0:
+        raise ValueError(f"min_captured must be in [0, 1], got {min_captured}")
+    for folder in (root / split, *(root / "truth" / name for name in ("masks", "nuclei", "left_out"))):
         folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     prefix = f"sim{seed}-" if id_prefix is None else id_prefix
@@ -349,16 +384,16 @@ def simulate(
     image_rows, cell_rows = ["ID,Label"], ["ID,cell_id,Label,captured"]
     for index, image_id in enumerate(ids):
         sim = simulate_image([seed, index], size, difficulty, rare_oversample=rare_oversample)
-        write_image(root, image_id, sim, bit_depth, split)
+        annotated = write_image(root, image_id, sim, bit_depth, split, min_captured)
         image_rows.append(f"{image_id},{format_labels(sim.image_labels)}")
-        cell_rows += [f"{image_id},{cell},{format_labels(sim.cell_labels[cell])},{sim.captured[cell]:.4f}"
-                      for cell in sim.cell_labels]
+        cell_rows += [f"{image_id},{cell},{format_labels(labels)},{sim.captured[cell]:.4f}"
+                      for cell, labels in annotated.items()]
     (root / f"{split}.csv").write_text("\n".join(image_rows) + "\n")
     (root / "truth" / "cell_labels.csv").write_text("\n".join(cell_rows) + "\n")
     settings = dict(simulator_version=SIMULATOR_VERSION, seed=seed, n_images=n_images, size=size,
                     difficulty=difficulty, difficulty_settings=asdict(DIFFICULTIES[difficulty]),
                     bit_depth=bit_depth, rare_oversample=rare_oversample, split=split,
-                    id_prefix=prefix, render_max=RENDER_MAX)
+                    id_prefix=prefix, render_max=RENDER_MAX, min_captured=min_captured)
     (root / "simulation.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return SimulationResult(root=root, image_ids=ids, n_cells=len(cell_rows) - 1,
                             seconds=time.perf_counter() - start, settings=settings)

@@ -162,9 +162,11 @@ def select_ensemble(
     in_sample = {m: float(np.nanmean(ap)) for m, ap in per_class.items()}
     in_sample_mean = {m: _fold_mean_map(targets.truth, p, folds) for m, p in predictions.items()}
 
-    out_of_sample = {}
+    out_of_sample, nested_predictions = {}, None
     if nested:
-        out_of_sample = _nested_scores(oof, targets, moments, settings, greedy_params, list(predictions), n_jobs)
+        out_of_sample, held_out = _nested_scores(oof, targets, moments, settings, greedy_params, list(predictions),
+                                                 n_jobs)
+        nested_predictions = oof.index.assign(**dict(zip(CELL_COLUMNS, held_out["hcpl"])))
     scores = {m: MethodScore(in_sample=in_sample[m], in_sample_mean=in_sample_mean[m], **out_of_sample.get(m, {}))
               for m in predictions}
     return replace(
@@ -172,6 +174,7 @@ def select_ensemble(
         per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, per_class["hcpl"], strict=True)},
         scores=scores,
         greedy=greedy_result,
+        nested_predictions=nested_predictions,
     )
 
 
@@ -407,8 +410,9 @@ def _nested_scores(
     greedy_params: GreedyParams | None,
     methods: list[str],
     n_jobs: int | None,
-) -> dict[str, dict]:
-    """Per method: AP per class on each held-out fold of the method fitted on the other folds.
+) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Per method: AP per class on each held-out fold of the method fitted on the other folds,
+    and the held-out predictions themselves (``(n_classes, n_cells)`` per method).
 
     Fold-wise means are the honest figures. Pooling the folds' predictions into one ranking also
     measures whether their scales agree, which fused predictions need not: a class fused in one
@@ -439,7 +443,7 @@ def _nested_scores(
                 "nested_pooled": float(np.nanmean(average_precision(targets.truth, held_out[m]))),
                 "nested_per_class": {name: float(v) for name, v in zip(CLASS_NAMES, per_class, strict=True)},
             }
-    return out
+    return out, held_out
 
 
 def _image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:

@@ -101,6 +101,10 @@ class EnsembleSpec:
         The greedy baseline fitted on all folds.
     integrity_weighting : bool
         Whether predictions are multiplied by the cell's visual-integrity weight.
+    nested_predictions : DataFrame or None
+        The selection's out-of-sample predictions (``image_id, cell_id, fold, cell_0..cell_18``):
+        each fold's cells as the selection fitted on the other folds predicts them, for decisions
+        taken after selection (the VID weighting). Not written to JSON: None when read back.
     """
 
     models: list[str]
@@ -123,11 +127,14 @@ class EnsembleSpec:
     scores: dict[str, MethodScore] = field(default_factory=dict)
     greedy: GreedyResult | None = None
     integrity_weighting: bool = False
+    nested_predictions: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (NaN becomes None)."""
         out = {"format_version": FORMAT_VERSION}
         for f in fields(self):
+            if f.name == "nested_predictions":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, pd.DataFrame):
                 value = {"models": list(value.index), "values": value.to_numpy().tolist()}

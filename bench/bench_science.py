@@ -1,0 +1,238 @@
+"""The paper's ablations, measured against cell truth on held-out simulated images (issue 19).
+
+Per seed, the main job's own chain (:func:`ensemble.demo.run_demo`) on a simulated training set:
+the zoo with two CRA rounds and the VID, selection, registration, then the champion predicting
+simulated test images of another seed. Besides, the zoo's CLAs train once more on the weak
+labels, so CRA's effect on the final models is measured too. Printed, per seed and as the mean
+over seeds, with the paper's figure beside each row:
+
+1. streams: each DSA's image stream, cell stream and fused output (their product), and the CLA
+   of its backbone (OOF cell mAP, mean of the folds' held-out scores);
+2. CRA: each label version's AP against cell truth (weak, after round 1, after round 2), the
+   DSAs trained on each, and the CLAs on the weak and on the last labels;
+3. VID: the ensemble's OOF cell mAP without and with the held-out integrity weights, and the
+   champion's test-image scores without and with them;
+4. selection: best single model, hcpl, greedy and the mean of all, nested (fold mean), and the
+   champion against its best member on the test images (competition mAP and cell mAP).
+
+Everything is kept under ``--workdir`` (one folder per seed, each with its own MLflow database):
+a re-run resumes every finished job and step. Figures go to ``{workdir}/science.json`` too.
+
+    python bench/bench_science.py                 # the defaults: 2 seeds (see BENCHMARKS.md for time)
+    python bench/bench_science.py --seeds 0 --images 60 --epochs 1 --test-images 6 --workdir /tmp/sci-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench_vid import machine, markdown
+from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.demo import run_demo
+from ensemble.evaluate import evaluate
+from ensemble.metrics import cell_map
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
+from ensemble.pipeline import store_uri
+from ensemble.storage import read_parquet
+from ensemble.trainers.relabel import label_quality, zoo_trainer
+from ensemble.zoo import load_zoo
+
+# The paper's figures (HCPL, mAP % on the HPA test set): Fig. 3a for streams and CRA, Fig. 5a for selection.
+PAPER = {
+    "image stream": 42.1, "cell stream": 51.1, "DSA fused": 55.1,
+    "DSA on weak labels": 52.5, "DSA on round-1 labels": 55.2,
+    "CLA on round-2 labels - CLA on weak": "+4 or more",
+    "best single": 55.8, "hcpl": 57.1,
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--zoo", default="quick", help="built-in zoo name or YAML file")
+    parser.add_argument("--images", type=int, default=800, help="training images per seed")
+    parser.add_argument("--image-px", type=int, default=384)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="CRA rounds")
+    parser.add_argument("--test-images", type=int, default=100)
+    parser.add_argument("--workdir", default="/tmp/ensemble-science")
+    return parser.parse_args()
+
+
+def fold_mean_map(table: pd.DataFrame, store: CellStore, truth: np.ndarray, scores: np.ndarray) -> float:
+    """Mean over the table's folds of the cell mAP of ``scores`` (rows of ``table``) against cell truth."""
+    at = pd.MultiIndex.from_frame(store.cells[KEYS]).get_indexer(pd.MultiIndex.from_frame(table[KEYS]))
+    folds = table["fold"].to_numpy()
+    with warnings.catch_warnings():  # a class without positives in a fold is left out of that fold's mean
+        warnings.simplefilter("ignore")
+        return float(np.mean([cell_map(truth[at[folds == f]], scores[folds == f]).map for f in np.unique(folds)]))
+
+
+def streams(table: pd.DataFrame, store: CellStore, truth: np.ndarray) -> dict[str, float]:
+    """Fold-mean OOF cell mAP of a model's cell stream, and for a DSA of its image stream and their product."""
+    cell = table[CELL_COLUMNS].to_numpy()
+    out = {"cell stream": fold_mean_map(table, store, truth, cell)}
+    if IMAGE_COLUMNS[0] in table:
+        image = table[IMAGE_COLUMNS].to_numpy()
+        out["image stream"] = fold_mean_map(table, store, truth, image)
+        out["DSA fused"] = fold_mean_map(table, store, truth, image * cell)
+    return out
+
+
+def oof_table(workdir: Path, name: str, version: str | None = None) -> pd.DataFrame:
+    """A model's OOF table: of the final zoo, or of the run trained on label ``version``."""
+    folder = workdir / "oof" if version is None else workdir / f"labels-{version}" / "oof"
+    return read_parquet(str(folder / f"{name}.parquet"))
+
+
+def vid_on_test(out: Path, weighting: bool) -> dict[str, dict[str, float]]:
+    """The champion's test scores without and with the integrity weights, whichever it was registered with."""
+    predictions = read_parquet(str(out / "test_predictions.parquet"))
+    w = predictions["integrity"].to_numpy()[:, None]
+    probabilities = predictions[CELL_COLUMNS].to_numpy()
+    variants = {"with": probabilities if weighting else probabilities * w,
+                "without": np.divide(probabilities, w, out=np.zeros_like(probabilities), where=w > 0)
+                if weighting else probabilities}
+    scores = {}
+    for name, values in variants.items():
+        path = out / f"test_predictions_vid_{name}.parquet"
+        predictions.assign(**dict(zip(CELL_COLUMNS, values.T))).to_parquet(path)
+        result = evaluate(path, out / "test_data")
+        scores[name] = {"competition": result.competition.map, "cell": result.cell.map}
+    return scores
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    out = Path(args.workdir).resolve() / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"  # one database per seed
+    started = time.perf_counter()
+    demo = run_demo(out, images=args.images, image_px=args.image_px, epochs=args.epochs,
+                    test_images=args.test_images, relabel_rounds=args.rounds, integrity=True, zoo=args.zoo,
+                    seed=seed)
+    pipeline, spec = demo.pipeline, demo.pipeline.ensemble
+    store = CellStore(store_uri(str(out)))
+    truth, _ = evaluation_labels(store)
+    base = load_zoo(args.zoo, {"epochs": args.epochs})
+    clas = [m for m in base.models if m.head == "cla"]
+    dsas = [m for m in base.models if m.head == "dsa"]
+    zoo_trainer(base, store.uri, str(out), heads=("cla",), progress=False)("weak")  # CLAs on the weak labels
+    versions = ["weak"] + [r.version for r in pipeline.relabel]
+    final = versions[-1]
+
+    stream_rows = []
+    for dsa in dsas:
+        row = {"backbone": dsa.backbone, **streams(oof_table(out, dsa.name), store, truth)}
+        sibling = next((m for m in clas if m.backbone == dsa.backbone), None)
+        row["CLA"] = streams(oof_table(out, sibling.name), store, truth)["cell stream"] if sibling else float("nan")
+        stream_rows.append(row)
+
+    cra_rows = []
+    for k, version in enumerate(versions):
+        row = {"labels": version, "label AP": label_quality(store, version)}
+        for dsa in dsas:  # round k+1 trained on version k; the final zoo on the last version
+            table = oof_table(out, dsa.name, None if version == final else version)
+            row[dsa.name] = streams(table, store, truth).get("DSA fused", float("nan"))
+        for cla in clas:
+            table = oof_table(out, cla.name, "weak") if version == "weak" else \
+                oof_table(out, cla.name) if version == final else None
+            row[cla.name] = streams(table, store, truth)["cell stream"] if table is not None else float("nan")
+        cra_rows.append(row)
+
+    integrity = pipeline.integrity
+    vid = {"oof_without": integrity.map_without, "oof_with": integrity.map_with, "weighting": integrity.weighting,
+           "test": vid_on_test(out, spec.integrity_weighting)}
+
+    selection = {m: {"nested_fold_mean": s.nested_mean, "in_sample_fold_mean": s.in_sample_mean}
+                 for m, s in spec.scores.items()}
+    members = sorted(set(spec.members.values()), key=lambda m: -spec.model_map[m])
+    test = demo.scores.to_dict(orient="index")
+    return {"seed": seed, "minutes": (time.perf_counter() - started) / 60, "streams": stream_rows, "cra": cra_rows,
+            "vid": vid, "selection": selection, "members": members,
+            "fused_classes": sum(rule.rule == "product" for rule in spec.fusion.values()),
+            "best_single": max(spec.model_map, key=spec.model_map.get), "test": test,
+            "test_cells": demo.n_cells, "train_cells": len(store.cells)}
+
+
+def summary(results: list[dict]) -> str:
+    """Markdown tables: each row's mean over seeds (and each seed's), the paper's figure beside it."""
+    def cell(values):
+        values = [v for v in values if v is not None and np.isfinite(v)]
+        if not values:
+            return "-"
+        spread = f" ({', '.join(f'{v:.4f}' for v in values)})" if len(values) > 1 else ""
+        return f"{np.mean(values):.4f}{spread}"
+
+    parts = []
+    rows = []
+    for i, first in enumerate(results[0]["streams"]):
+        row = {"backbone": first["backbone"]}
+        for key in ("image stream", "cell stream", "DSA fused", "CLA"):
+            row[key] = cell([r["streams"][i][key] for r in results])
+        rows.append(row)
+    rows.append({"backbone": "paper (HPA, %)", **{k: str(PAPER.get(k, "-")) for k in
+                                                 ("image stream", "cell stream", "DSA fused")}, "CLA": "55.8 (best CLA)"})
+    parts += ["Streams: OOF cell mAP (fold mean) of each DSA's outputs and its backbone's CLA", markdown(rows)]
+
+    rows = []
+    for i, first in enumerate(results[0]["cra"]):
+        row = {"labels": first["labels"]}
+        for key in first:
+            if key != "labels":
+                row[key] = cell([r["cra"][i][key] for r in results])
+        rows.append(row)
+    parts += ["CRA: label AP against cell truth; OOF cell mAP (fold mean) of the models trained on each version"
+              " (DSAs: fused output); paper: DSA 52.5 on weak, 55.2 on round-1 labels; CLA/CLH +4 on round-2 labels",
+              markdown(rows)]
+
+    rows = [{"VID weighting": "off", "ensemble OOF cell mAP": cell([r["vid"]["oof_without"] for r in results]),
+             "test competition mAP": cell([r["vid"]["test"]["without"]["competition"] for r in results]),
+             "test cell mAP": cell([r["vid"]["test"]["without"]["cell"] for r in results])},
+            {"VID weighting": "on", "ensemble OOF cell mAP": cell([r["vid"]["oof_with"] for r in results]),
+             "test competition mAP": cell([r["vid"]["test"]["with"]["competition"] for r in results]),
+             "test cell mAP": cell([r["vid"]["test"]["with"]["cell"] for r in results])}]
+    parts += ["VID (auto decided: " + ", ".join(str(r["vid"]["weighting"]) for r in results) + ")", markdown(rows)]
+
+    rows = []
+    for method in ("best_single", "hcpl", "greedy", "mean_all", "hcpl_unfused"):
+        rows.append({"method": method, "nested (fold mean)": cell([r["selection"][method]["nested_fold_mean"]
+                                                                   for r in results]),
+                     "in-sample (fold mean)": cell([r["selection"][method]["in_sample_fold_mean"] for r in results]),
+                     "paper": str(PAPER.get(method.replace("best_single", "best single"), "-"))})
+    parts += ["Selection (members: " + "; ".join(", ".join(r["members"]) for r in results) + ")", markdown(rows)]
+
+    rows = []
+    for r in results:
+        best = r["best_single"]
+        for model in ["ensemble", *r["members"], *([best] if best not in r["members"] else [])]:
+            scores = r["test"].get(model)
+            rows.append({"seed": r["seed"], "model": model,
+                         "competition mAP": scores["competition_map"] if scores else float("nan"),
+                         "cell mAP": scores["cell_map"] if scores else float("nan")})
+    parts += ["Test images (champion and its members alone; the best single model where it is a member)",
+              markdown(rows)]
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"# bench_science: {machine()}\n{vars(args)}", flush=True)
+    results = []
+    for seed in args.seeds:
+        results.append(run_seed(args, seed))
+        print(f"seed {seed}: {results[-1]['minutes']:.1f} min", flush=True)
+        path = Path(args.workdir) / "science.json"
+        path.write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=float))
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()
