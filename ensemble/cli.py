@@ -4,7 +4,7 @@
     ensemble prepare DATA --out STORE --cell-size 64 --folds 3
     ensemble check --zoo quick [--space SPACE] [--sweep]   # validate, list the jobs; starts nothing
     ensemble train-all [--zoo quick] [--data DATA] [--workdir runs] [--dry-run]
-    ensemble sweep --model cla_regnet --samples 8
+    ensemble sweep --model cla_resnet10t --samples 8
     ensemble select --store runs/store --oof-dir runs/oof
     ensemble register --experiment NAME --spec ensemble.json [--name hpa-ensemble]
     ensemble predict IMAGES --model models:/hpa-ensemble@champion --out preds.parquet|submission.csv

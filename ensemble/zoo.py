@@ -219,7 +219,7 @@ class IntegritySettings:
     rule: str = "product"
     cv_splits: int = 3            # held-out figures (AUC, accuracy) and the weighting decision
     labels_csv: str | None = None  # hand labels image_id,cell_id,good; default: the simulator's truth
-    weighting: str = "auto"       # on | off | auto: on when it raises the ensemble's OOF cell mAP
+    weighting: str = "auto"       # on | off | auto: on when it raises the ensemble's nested cell mAP
 
     def __post_init__(self):
         if self.weighting not in ("on", "off", "auto"):
