@@ -10,7 +10,7 @@ over seeds, with the paper's figure beside each row:
    of its backbone (OOF cell mAP, mean of the folds' held-out scores);
 2. CRA: each label version's AP against cell truth (weak, after round 1, after round 2), the
    DSAs trained on each, and the CLAs on the weak and on the last labels;
-3. VID: the ensemble's OOF cell mAP without and with the held-out integrity weights, and the
+3. VID: the ensemble's nested cell mAP without and with the held-out integrity weights, and the
    champion's test-image scores without and with them;
 4. selection: best single model, hcpl, greedy and the mean of all, nested (fold mean), and the
    champion against its best member on the test images (competition mAP and cell mAP).
@@ -194,10 +194,10 @@ def summary(results: list[dict]) -> str:
               " (DSAs: fused output); paper: DSA 52.5 on weak, 55.2 on round-1 labels; CLA/CLH +4 on round-2 labels",
               markdown(rows)]
 
-    rows = [{"VID weighting": "off", "ensemble OOF cell mAP": cell([r["vid"]["oof_without"] for r in results]),
+    rows = [{"VID weighting": "off", "ensemble nested cell mAP": cell([r["vid"]["oof_without"] for r in results]),
              "test competition mAP": cell([r["vid"]["test"]["without"]["competition"] for r in results]),
              "test cell mAP": cell([r["vid"]["test"]["without"]["cell"] for r in results])},
-            {"VID weighting": "on", "ensemble OOF cell mAP": cell([r["vid"]["oof_with"] for r in results]),
+            {"VID weighting": "on", "ensemble nested cell mAP": cell([r["vid"]["oof_with"] for r in results]),
              "test competition mAP": cell([r["vid"]["test"]["with"]["competition"] for r in results]),
              "test cell mAP": cell([r["vid"]["test"]["with"]["cell"] for r in results])}]
     parts += ["VID (auto decided: " + ", ".join(str(r["vid"]["weighting"]) for r in results) + ")", markdown(rows)]

@@ -48,8 +48,8 @@ class IntegrityResult:
     cv : IntegrityCV
         Held-out scores of the detector (cross-validated by image).
     map_without, map_with : float
-        The ensemble's OOF cell mAP without and with the held-out integrity weights, on the
-        cells with cell labels.
+        Cell mAP of the ensemble's nested predictions without and with the held-out integrity
+        weights, on the cells with cell labels.
     weighting : bool
         Whether the registered ensemble multiplies its probabilities by the weights.
     """
@@ -64,13 +64,14 @@ class IntegrityResult:
         """Figures logged to the train_all run."""
         held_out = {f"vid_{name}_{column}": float(value) for (name, column), value in self.cv.scores.stack().items()}
         return {**held_out, "vid_capture_accuracy": float(self.cv.capture_accuracy),
-                "ensemble_oof_map_without_integrity": self.map_without, "ensemble_oof_map_with_integrity": self.map_with}
+                "ensemble_nested_map_without_integrity": self.map_without,
+                "ensemble_nested_map_with_integrity": self.map_with}
 
     def report(self) -> str:
         scores = self.cv.scores.to_string(float_format=lambda v: f"{v:.4f}")
         return (f"Visual integrity (VID, held out by image):\n{scores}\n"
                 f"capture-class accuracy {self.cv.capture_accuracy:.4f}\n"
-                f"ensemble OOF cell mAP without weighting {self.map_without:.4f}, with {self.map_with:.4f}"
+                f"ensemble nested cell mAP without weighting {self.map_without:.4f}, with {self.map_with:.4f}"
                 f" -> weighting {'on' if self.weighting else 'off'}")
 
 
