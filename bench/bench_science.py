@@ -13,7 +13,8 @@ over seeds, with the paper's figure beside each row:
 3. VID: the ensemble's nested cell mAP without and with the held-out integrity weights, and the
    champion's test-image scores without and with them;
 4. selection: best single model, hcpl, greedy and the mean of all, nested (fold mean), and the
-   champion against its best member on the test images (competition mAP and cell mAP).
+   champion against each of its networks alone on the test images (competition mAP and cell mAP),
+   each without and with the VID's weights.
 
 Everything is kept under ``--workdir`` (one folder per seed, each with its own MLflow database):
 a re-run resumes every finished job and step. Figures go to ``{workdir}/science.json`` too.
@@ -38,7 +39,7 @@ import pandas as pd
 from bench_vid import machine, markdown
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.demo import run_demo
-from ensemble.evaluate import evaluate
+from ensemble.evaluate import evaluate, prediction_members
 from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
 from ensemble.pipeline import store_uri
@@ -94,20 +95,27 @@ def oof_table(workdir: Path, name: str, version: str | None = None) -> pd.DataFr
     return read_parquet(str(folder / f"{name}.parquet"))
 
 
-def vid_on_test(out: Path, weighting: bool) -> dict[str, dict[str, float]]:
-    """The champion's test scores without and with the integrity weights, whichever it was registered with."""
+def test_scores(out: Path, weighting: bool) -> dict[str, dict[str, float]]:
+    """The champion and each of its networks alone on the test images, each without and with the VID's weights.
+
+    The integrity weight is a property of the cell, not of the ensemble, so a member weighted by it
+    is the fair single-model baseline for a champion registered with weighting on.
+    """
     predictions = read_parquet(str(out / "test_predictions.parquet"))
     w = predictions["integrity"].to_numpy()[:, None]
-    probabilities = predictions[CELL_COLUMNS].to_numpy()
-    variants = {"with": probabilities if weighting else probabilities * w,
-                "without": np.divide(probabilities, w, out=np.zeros_like(probabilities), where=w > 0)
-                if weighting else probabilities}
+    ensemble = predictions[CELL_COLUMNS].to_numpy()
+    if weighting:  # the champion's probabilities carry the weights
+        ensemble = np.divide(ensemble, w, out=np.zeros_like(ensemble), where=w > 0)
+    variants = {"ensemble": ensemble}
+    for member in prediction_members(out / "test_predictions.parquet"):
+        variants[member] = predictions[[f"{member}.{c}" for c in CELL_COLUMNS]].to_numpy()
     scores = {}
     for name, values in variants.items():
-        path = out / f"test_predictions_vid_{name}.parquet"
-        predictions.assign(**dict(zip(CELL_COLUMNS, values.T))).to_parquet(path)
-        result = evaluate(path, out / "test_data")
-        scores[name] = {"competition": result.competition.map, "cell": result.cell.map}
+        for vid, factor in (("", 1.0), (" x VID", w)):
+            path = out / "test_predictions_variant.parquet"
+            predictions.assign(**dict(zip(CELL_COLUMNS, (values * factor).T))).to_parquet(path)
+            result = evaluate(path, out / "test_data", plot=out / "test_predictions_variant.png")
+            scores[name + vid] = {"competition": result.competition.map, "cell": result.cell.map}
     return scores
 
 
@@ -149,13 +157,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         cra_rows.append(row)
 
     integrity = pipeline.integrity
-    vid = {"oof_without": integrity.map_without, "oof_with": integrity.map_with, "weighting": integrity.weighting,
-           "test": vid_on_test(out, spec.integrity_weighting)}
+    vid = {"oof_without": integrity.map_without, "oof_with": integrity.map_with, "weighting": integrity.weighting}
 
     selection = {m: {"nested_fold_mean": s.nested_mean, "in_sample_fold_mean": s.in_sample_mean}
                  for m, s in spec.scores.items()}
     members = sorted(set(spec.members.values()), key=lambda m: -spec.model_map[m])
-    test = demo.scores.to_dict(orient="index")
+    test = test_scores(out, spec.integrity_weighting)
     return {"seed": seed, "minutes": (time.perf_counter() - started) / 60, "streams": stream_rows, "cra": cra_rows,
             "vid": vid, "selection": selection, "members": members,
             "fused_classes": sum(rule.rule == "product" for rule in spec.fusion.values()),
@@ -195,11 +202,11 @@ def summary(results: list[dict]) -> str:
               markdown(rows)]
 
     rows = [{"VID weighting": "off", "ensemble nested cell mAP": cell([r["vid"]["oof_without"] for r in results]),
-             "test competition mAP": cell([r["vid"]["test"]["without"]["competition"] for r in results]),
-             "test cell mAP": cell([r["vid"]["test"]["without"]["cell"] for r in results])},
+             "test competition mAP": cell([r["test"]["ensemble"]["competition"] for r in results]),
+             "test cell mAP": cell([r["test"]["ensemble"]["cell"] for r in results])},
             {"VID weighting": "on", "ensemble nested cell mAP": cell([r["vid"]["oof_with"] for r in results]),
-             "test competition mAP": cell([r["vid"]["test"]["with"]["competition"] for r in results]),
-             "test cell mAP": cell([r["vid"]["test"]["with"]["cell"] for r in results])}]
+             "test competition mAP": cell([r["test"]["ensemble x VID"]["competition"] for r in results]),
+             "test cell mAP": cell([r["test"]["ensemble x VID"]["cell"] for r in results])}]
     parts += ["VID (auto decided: " + ", ".join(str(r["vid"]["weighting"]) for r in results) + ")", markdown(rows)]
 
     rows = []
@@ -212,14 +219,13 @@ def summary(results: list[dict]) -> str:
 
     rows = []
     for r in results:
-        best = r["best_single"]
-        for model in ["ensemble", *r["members"], *([best] if best not in r["members"] else [])]:
-            scores = r["test"].get(model)
-            rows.append({"seed": r["seed"], "model": model,
-                         "competition mAP": scores["competition_map"] if scores else float("nan"),
-                         "cell mAP": scores["cell_map"] if scores else float("nan")})
-    parts += ["Test images (champion and its members alone; the best single model where it is a member)",
-              markdown(rows)]
+        for model in [k for k in r["test"] if not k.endswith(" x VID")]:
+            plain, weighted = r["test"][model], r["test"][f"{model} x VID"]
+            rows.append({"seed": r["seed"], "model": model + (" (best single)" if model == r["best_single"] else ""),
+                         "competition mAP": plain["competition"], "cell mAP": plain["cell"],
+                         "x VID: competition mAP": weighted["competition"], "x VID: cell mAP": weighted["cell"]})
+    parts += ["Test images: the champion and each network in it alone (members, and DSAs lending their image"
+              " stream), without and with the VID's integrity weights", markdown(rows)]
     return "\n\n".join(parts)
 
 
