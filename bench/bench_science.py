@@ -20,7 +20,8 @@ Everything is kept under ``--workdir`` (one folder per seed, each with its own M
 a re-run resumes every finished job and step. Figures go to ``{workdir}/science.json`` too.
 
     python bench/bench_science.py                 # defaults: quick zoo, 2 seeds x 400 images x 6 epochs
-                                                  # (1.7 x the demo's images, more epochs; under 2 h on 2 cores)
+                                                  # (1.7 x the demo's images, more epochs; about 2 h on 2 quiet
+                                                  # cores, estimated from seed 0's quiet part)
     python bench/bench_science.py --seeds 0 --images 60 --epochs 1 --test-images 6 --workdir /tmp/sci-smoke
 """
 
@@ -109,10 +110,9 @@ def test_scores(out: Path, weighting: bool) -> dict[str, dict[str, float]]:
     variants = {"ensemble": ensemble}
     for member in prediction_members(out / "test_predictions.parquet"):
         variants[member] = predictions[[f"{member}.{c}" for c in CELL_COLUMNS]].to_numpy()
-    scores = {}
+    scores, path = {}, out / "test_predictions_variant.parquet"
     for name, values in variants.items():
         for vid, factor in (("", 1.0), (" x VID", w)):
-            path = out / "test_predictions_variant.parquet"
             predictions.assign(**dict(zip(CELL_COLUMNS, (values * factor).T))).to_parquet(path)
             result = evaluate(path, out / "test_data", plot=out / "test_predictions_variant.png")
             scores[name + vid] = {"competition": result.competition.map, "cell": result.cell.map}
