@@ -40,9 +40,9 @@ import pandas as pd
 from bench_vid import machine, markdown
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.demo import run_demo
-from ensemble.evaluate import evaluate, prediction_members
+from ensemble.evaluate import compare, evaluate, prediction_members
 from ensemble.metrics import cell_map
-from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.pipeline import store_uri
 from ensemble.storage import read_parquet
 from ensemble.trainers.relabel import label_quality, zoo_trainer
@@ -96,27 +96,34 @@ def oof_table(workdir: Path, name: str, version: str | None = None) -> pd.DataFr
     return read_parquet(str(folder / f"{name}.parquet"))
 
 
-def test_scores(out: Path, weighting: bool) -> dict[str, dict[str, float]]:
-    """The champion and each of its networks alone on the test images, each without and with the VID's weights.
+def test_scores(out: Path, weighting: bool) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+    """The champion and each of its networks alone on the test images, each without and with the VID's
+    weights; and the champion against its best network there, with a paired bootstrap interval.
 
     The integrity weight is a property of the cell, not of the ensemble, so a member weighted by it
     is the fair single-model baseline for a champion registered with weighting on.
     """
-    predictions = read_parquet(str(out / "test_predictions.parquet"))
+    file = out / "test_predictions.parquet"
+    predictions = read_parquet(str(file))
     w = predictions["integrity"].to_numpy()[:, None]
-    ensemble = predictions[CELL_COLUMNS].to_numpy()
-    if weighting:  # the champion's probabilities carry the weights
-        ensemble = np.divide(ensemble, w, out=np.zeros_like(ensemble), where=w > 0)
-    variants = {"ensemble": ensemble}
-    for member in prediction_members(out / "test_predictions.parquet"):
-        variants[member] = predictions[[f"{member}.{c}" for c in CELL_COLUMNS]].to_numpy()
-    scores, path = {}, out / "test_predictions_variant.parquet"
-    for name, values in variants.items():
-        for vid, factor in (("", 1.0), (" x VID", w)):
-            predictions.assign(**dict(zip(CELL_COLUMNS, (values * factor).T))).to_parquet(path)
-            result = evaluate(path, out / "test_data", plot=out / "test_predictions_variant.png")
+    columns = {"ensemble": CELL_COLUMNS} | {m: member_columns(m) for m in prediction_members(file)}
+    own = {name: predictions[c].to_numpy() for name, c in columns.items()}
+    if weighting:  # the file's probabilities, the members' too, carry the weights
+        own = {name: np.divide(v, w, out=np.zeros_like(v), where=w > 0) for name, v in own.items()}
+    scores, versus, path = {}, {}, out / "test_predictions_variant.parquet"
+    for vid, factor in (("", 1.0), (" x VID", w)):
+        variant = predictions.copy()
+        for name, values in own.items():
+            variant[columns[name]] = values * factor
+        variant.to_parquet(path)
+        for name in columns:
+            result = evaluate(path, out / "test_data", plot=out / "test_predictions_variant.png",
+                              member=None if name == "ensemble" else name)
             scores[name + vid] = {"competition": result.competition.map, "cell": result.cell.map}
-    return scores
+        best = max(list(columns)[1:], key=lambda m: scores[m + vid]["cell"])
+        versus["ensemble" + vid] = {"baseline": best,
+                                    **compare(path, out / "test_data", best).table.to_dict("index")}
+    return scores, versus
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
@@ -162,11 +169,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     selection = {m: {"nested_fold_mean": s.nested_mean, "in_sample_fold_mean": s.in_sample_mean}
                  for m, s in spec.scores.items()}
     members = sorted(set(spec.members.values()), key=lambda m: -spec.model_map[m])
-    test = test_scores(out, spec.integrity_weighting)
+    test, versus = test_scores(out, spec.integrity_weighting)
     return {"seed": seed, "minutes": (time.perf_counter() - started) / 60, "streams": stream_rows, "cra": cra_rows,
             "vid": vid, "selection": selection, "members": members,
             "fused_classes": sum(rule.rule == "product" for rule in spec.fusion.values()),
-            "best_single": max(spec.model_map, key=spec.model_map.get), "test": test,
+            "best_single": max(spec.model_map, key=spec.model_map.get), "test": test, "versus": versus,
             "test_cells": demo.n_cells, "train_cells": len(store.cells)}
 
 
@@ -226,6 +233,16 @@ def summary(results: list[dict]) -> str:
                          "x VID: competition mAP": weighted["competition"], "x VID: cell mAP": weighted["cell"]})
     parts += ["Test images: the champion and each network in it alone (members, and DSAs lending their image"
               " stream), without and with the VID's integrity weights", markdown(rows)]
+
+    rows = []
+    for r in results:
+        for variant, row in r["versus"].items():
+            rows.append({"seed": r["seed"], "champion": variant, "best network on the test images": row["baseline"],
+                         **{f"{metric.removesuffix('_map')}: difference [90 % interval]":
+                            f"{row[metric]['difference']:+.4f} [{row[metric]['low']:+.4f}, {row[metric]['high']:+.4f}]"
+                            for metric in ("competition_map", "cell_map")}})
+    parts += ["Test images: the champion minus its best network alone (by test cell mAP), paired bootstrap over"
+              " the images", markdown(rows)]
     return "\n\n".join(parts)
 
 

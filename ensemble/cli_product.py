@@ -3,7 +3,7 @@
     ensemble register --experiment NAME --spec ensemble.json [--name hpa-ensemble] [--promote if-better]
     ensemble models [--name hpa-ensemble]
     ensemble predict IMAGES --model models:/hpa-ensemble@champion --out preds.parquet|submission.csv [--masks DIR]
-    ensemble evaluate PREDICTIONS DATA [--model-version N]
+    ensemble evaluate PREDICTIONS DATA [--model-version N] [--against MEMBER]
 
 ``cli.py`` wires them in with :func:`add_commands`.
 """
@@ -72,10 +72,15 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ensemble.evaluate import evaluate
+    from ensemble.evaluate import compare, evaluate
 
+    # First, so that a wrong --against name ends the command before the longer scoring.
+    comparison = compare(args.predictions, args.data, args.against, candidate=args.member or "ensemble",
+                         iou=args.iou) if args.against else None
     result = evaluate(args.predictions, args.data, iou=args.iou, plot=args.plot, member=args.member)
     print(result.report())
+    if comparison is not None:
+        print("\n" + comparison.report())
     if args.model_version is not None:
         from ensemble import tracking
         from ensemble.governance import record_evaluation, resolve_version
@@ -141,6 +146,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--iou", type=float, default=0.6)
     p.add_argument("--plot", default=None, help="per-class bar plot PNG (default: beside PREDICTIONS)")
     p.add_argument("--member", default=None, help="score this member's own probabilities (predict --members)")
+    p.add_argument("--against", default=None, metavar="MEMBER",
+                   help="also the difference from this member (or 'ensemble'), with a 90%% interval from a paired "
+                        "bootstrap over the images")
     p.add_argument("--model-version", default=None,
                    help="registered version (number or alias) the predictions came from: log the scores to MLflow "
                         "against it and set its test score")

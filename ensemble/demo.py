@@ -2,8 +2,9 @@
 
 ``make demo`` (``ensemble demo``) runs :func:`run_demo`: the same chain as ``train_all.py`` on its
 built-in default, then the champion predicts simulated test images of another seed and is scored
-with the competition metric beside each of its member networks alone. Re-running skips every
-finished step.
+with the competition metric beside each of its member networks alone, and against the best of them
+with an interval from the choice of test images (:func:`~ensemble.evaluate.compare`). Re-running
+skips every finished step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ensemble.data.synthetic import simulate
-from ensemble.evaluate import evaluate, prediction_members
+from ensemble.evaluate import Comparison, compare, evaluate, prediction_members
 from ensemble.pipeline import PipelineResult, train_all
 from ensemble.predict import predict_images
 from ensemble.zoo import load_zoo, zoo_with
@@ -43,6 +44,9 @@ class DemoResult:
     scores : DataFrame
         Index ``model`` (``ensemble`` then each member network), columns ``competition_map``
         and ``cell_map`` on the test images.
+    comparisons : list of Comparison
+        The ensemble against the member with the best test cell mAP, and against the one with the
+        best competition mAP if that is another.
     n_images, n_cells : int
         Test images and their cells.
     out : Path
@@ -51,6 +55,7 @@ class DemoResult:
 
     pipeline: PipelineResult
     scores: pd.DataFrame
+    comparisons: list[Comparison]
     n_images: int
     n_cells: int
     out: Path
@@ -62,6 +67,7 @@ class DemoResult:
             f"Registered ensemble and its member networks on {self.n_images} held-out simulated test images "
             f"({self.n_cells} cells; competition mAP: mask IoU >= 0.6):",
             self.scores.to_string(float_format=lambda v: f"{v:.4f}"),
+            *(comparison.report() for comparison in self.comparisons),
             f"  per-class AP plot: {self.out / 'test_per_class.png'};  MLflow: mlflow ui --backend-store-uri "
             f"{self.tracking_uri}",
         ])
@@ -95,5 +101,7 @@ def run_demo(out: str | Path = "demo", *, images: int = 240, image_px: int = 384
                                 member=member)
     scores = pd.DataFrame({"competition_map": [r.competition.map for r in rows.values()],
                            "cell_map": [r.cell.map for r in rows.values()]}, index=pd.Index(list(rows), name="model"))
-    return DemoResult(pipeline=pipeline, scores=scores, n_images=rows["ensemble"].n_images,
+    best = dict.fromkeys(scores.drop(index="ensemble").idxmax()[["cell_map", "competition_map"]])
+    comparisons = [compare(predictions.out, str(test_root), member) for member in best]
+    return DemoResult(pipeline=pipeline, scores=scores, comparisons=comparisons, n_images=rows["ensemble"].n_images,
                       n_cells=rows["ensemble"].n_cells, out=out, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])

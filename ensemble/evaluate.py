@@ -12,10 +12,14 @@ Scoring streams, one image at a time: its predicted masks stay RLEs (the IoU wit
 is pycocotools' ``mask.iou`` on RLEs), its true mask is read, turned into RLEs and dropped, and
 only each detection's score and true-positive flag are kept. Memory does not grow with the
 number of images beyond those few numbers per cell (BENCHMARKS.md, "Evaluation that streams").
+
+:func:`compare` puts two score sets of one file side by side (the ensemble and a member network,
+``predict --members``): their difference, with an interval from resampling the images.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from pycocotools import mask as coco_mask
+from scipy.stats import bootstrap
 
 from ensemble.data import hpa
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
@@ -137,45 +142,189 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     ValueError
         The dataset has no truth, or no predicted image is in it.
     """
-    truth = hpa.read_truth(data_root)
-    if truth is None:
-        raise ValueError(f"{data_root} has no ground truth (truth/cell_labels.csv)")
-    known = set(truth.image_ids)
+    truth = _truth(data_root)
     competition, cell = CompetitionScores(iou), CellScores()
-    scored, n_cells, matched, unknown, empty = set(), 0, 0, 0, 0
-    for image in iter_predictions(predictions, CELL_COLUMNS if member is None else member_columns(member)):
-        if image.image_id not in known:
+    n_images, n_missed, n_cells, matched, unknown = 0, 0, 0, 0, 0
+    for image in match_images(predictions, truth, CELL_COLUMNS if member is None else member_columns(member)):
+        if image is None:
             unknown += 1
             continue
-        scored.add(image.image_id)
-        empty += not image.rles
-        true_ids, true_labels = truth.cell_labels(image.image_id)
-        overlap = (rle_iou(image, truth.mask(image.image_id), true_ids) if image.rles
-                   else np.zeros((0, len(true_ids))))
-        competition.add(overlap, image.scores, true_labels)
-        # Each predicted cell takes the labels of the true cell it overlaps most, if at the threshold.
-        labels = np.zeros((len(image.rles), NUM_CLASSES), np.float32)
-        if overlap.size:
-            best = overlap.argmax(axis=1)
-            hit = overlap[np.arange(len(best)), best] >= iou
-            labels[hit] = true_labels[best[hit]]
-            matched += int(hit.sum())
+        labels, hit = image.cell_labels(iou)
+        competition.add(image.overlap, image.scores, image.true_labels)
         cell.add(labels, image.scores)
-        n_cells += len(image.rles)
-    if not scored:
-        raise ValueError(f"none of the {unknown} predicted images has ground truth in {data_root}")
-    missed = [i for i in truth.image_ids if i not in scored]
-    for image_id in missed:
-        true_ids, true_labels = truth.cell_labels(image_id)
-        competition.add(np.zeros((0, len(true_ids))), np.zeros((0, NUM_CLASSES)), true_labels)
+        n_images, n_missed = n_images + 1, n_missed + (not len(labels))
+        n_cells, matched = n_cells + len(labels), matched + int(hit.sum())
     cell_result, competition_result = cell.result(), competition.result()
     per_class = pd.DataFrame({"cell_ap": cell_result.per_class, "competition_ap": competition_result.per_class},
                              index=list(CLASS_NAMES)).assign(true_cells=competition.n_truth.astype(int))
     path = Path(plot) if plot is not None else Path(predictions).with_name(f"{Path(predictions).stem}_per_class_ap.png")
     plot_per_class(per_class, path, title=f"cell mAP {cell_result.map:.3f}, competition mAP {competition_result.map:.3f}")
-    # An image predicted empty is missed too (a parquet table cannot hold one; a submission can).
-    return EvaluationResult(cell_result, competition_result, per_class, len(known), len(missed) + empty, n_cells,
+    return EvaluationResult(cell_result, competition_result, per_class, n_images, n_missed, n_cells,
                             matched / max(n_cells, 1), unknown, path)
+
+
+@dataclass
+class Comparison:
+    """How much one set of scores in a prediction file beats another on the same images.
+
+    Attributes
+    ----------
+    candidate, baseline : str
+        The two score sets: ``"ensemble"`` or a member network's name.
+    table : DataFrame
+        Index ``competition_map``, ``cell_map``; columns ``candidate`` and ``baseline`` (the two
+        scores), ``difference`` (candidate - baseline) and ``low``, ``high``: the interval of the
+        difference at ``confidence``, from a paired bootstrap over the images.
+    n_images : int
+    confidence : float
+    """
+
+    candidate: str
+    baseline: str
+    table: pd.DataFrame
+    n_images: int
+    confidence: float
+
+    def beats(self, metric: str = "cell_map") -> bool:
+        """Whether the candidate is ahead on ``metric`` beyond what the choice of images explains."""
+        return bool(self.table.loc[metric, "low"] > 0)
+
+    def report(self) -> str:
+        parts = [f"{name.removesuffix('_map')} {row.difference:+.4f} [{row.low:+.4f}, {row.high:+.4f}]"
+                 for name, row in self.table.iterrows()]
+        return (f"{self.candidate} - {self.baseline}: {', '.join(parts)} "
+                f"({self.confidence:.0%} interval, paired bootstrap over {self.n_images} images)")
+
+
+def compare(predictions: str | Path, data_root: str | Path, baseline: str, *, candidate: str = "ensemble",
+            iou: float = 0.6, confidence: float = 0.9, n_resamples: int = 1000, seed: int = 0) -> Comparison:
+    """Candidate minus baseline on the images of ``data_root``, with a bootstrap interval.
+
+    On 40 or 80 test images a difference of 0.01 mAP can come from which images happen to be in
+    the set. Both score sets come from one file (``predict --members``), so they rank the same
+    cells: the images are resampled with replacement, the same for both (a paired bootstrap), and
+    each metric is recomputed on every resample. The interval is scipy's percentile bootstrap.
+
+    Parameters
+    ----------
+    predictions : str or Path
+        A ``preds.parquet`` with member columns (``predict --members``).
+    data_root : str or Path
+        Dataset with ``truth/``.
+    baseline, candidate : str
+        ``"ensemble"`` or one of :func:`prediction_members`.
+    iou : float
+        Mask IoU at which a predicted cell matches a true one.
+    confidence : float
+        Level of the interval, in (0, 1).
+    n_resamples : int
+    seed : int
+        Seed of the resampling.
+
+    Raises
+    ------
+    ValueError
+        A score set that is not in the file, or a ``confidence`` outside (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    known = ["ensemble", *prediction_members(predictions)]
+    for name in (candidate, baseline):
+        if name not in known:
+            raise ValueError(f"{predictions}: no scores of {name!r}; it has {known} (members: predict --members)")
+    columns = [c for name in (candidate, baseline)
+               for c in (CELL_COLUMNS if name == "ensemble" else member_columns(name))]
+    # Per image, the (competition, cell) accumulators of the candidate's scores, then the baseline's.
+    images: list[list[tuple[CompetitionScores, CellScores]]] = []
+    for image in match_images(predictions, _truth(data_root), columns):
+        if image is None:
+            continue
+        labels, _ = image.cell_labels(iou)
+        images.append([])
+        for scores in np.split(image.scores, 2, axis=1):
+            competition, cell = CompetitionScores(iou), CellScores()
+            competition.add(image.overlap, scores, image.true_labels)
+            cell.add(labels, scores)
+            images[-1].append((competition, cell))
+
+    def maps(sample: np.ndarray) -> np.ndarray:
+        """(2, 2): candidate then baseline, competition then cell mAP, on the images of ``sample``."""
+        with warnings.catch_warnings():  # a resample may lack a class: left out of that mean
+            warnings.simplefilter("ignore")
+            return np.array([[CompetitionScores.pooled([images[i][k][0] for i in sample]).result().map,
+                              CellScores.pooled([images[i][k][1] for i in sample]).result().map] for k in (0, 1)])
+
+    def difference(sample: np.ndarray) -> np.ndarray:
+        candidate_maps, baseline_maps = maps(sample)
+        return candidate_maps - baseline_maps
+
+    every = np.arange(len(images))
+    (candidate_maps, baseline_maps), interval = maps(every), bootstrap(
+        (every,), difference, vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
+        method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    table = pd.DataFrame({"candidate": candidate_maps, "baseline": baseline_maps,
+                          "difference": candidate_maps - baseline_maps, "low": interval.low, "high": interval.high},
+                         index=["competition_map", "cell_map"])
+    return Comparison(candidate, baseline, table, len(images), confidence)
+
+def _truth(data_root: str | Path) -> hpa.Truth:
+    truth = hpa.read_truth(data_root)
+    if truth is None:
+        raise ValueError(f"{data_root} has no ground truth (truth/cell_labels.csv)")
+    return truth
+
+
+@dataclass
+class ImageMatch:
+    """One image of the truth and its predicted cells: all that either metric takes from it."""
+
+    overlap: np.ndarray
+    """(n, m) mask IoU of the n predicted and the m true cells."""
+    scores: np.ndarray
+    """(n, k) scores of the predicted cells (the columns read)."""
+    true_labels: np.ndarray
+    """(m, 19) labels of the true cells."""
+
+    def cell_labels(self, iou: float) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 19) labels of the true cell each predicted cell overlaps most, if at ``iou`` (else 0),
+        and the (n,) flags of the predicted cells that matched."""
+        labels = np.zeros((len(self.overlap), NUM_CLASSES), np.float32)
+        if not self.overlap.size:
+            return labels, np.zeros(len(self.overlap), bool)
+        best = self.overlap.argmax(axis=1)
+        hit = self.overlap[np.arange(len(best)), best] >= iou
+        labels[hit] = self.true_labels[best[hit]]
+        return labels, hit
+
+
+def match_images(predictions: str | Path, truth: hpa.Truth, columns: list[str]) -> Iterator[ImageMatch | None]:
+    """Every image of ``truth`` with the predicted cells of ``predictions``, one at a time; ``None``
+    for each predicted image that is not in the truth.
+
+    The images of the truth that have no predicted cell (absent from the file, or predicted empty:
+    a parquet table cannot hold one, a submission can) come with none, after the predicted ones.
+
+    Raises
+    ------
+    ValueError
+        No predicted image is in the truth.
+    """
+    known, scored = set(truth.image_ids), set()
+    for image in iter_predictions(predictions, columns):
+        if image.image_id not in known:
+            yield None
+            continue
+        scored.add(image.image_id)
+        true_ids, true_labels = truth.cell_labels(image.image_id)
+        overlap = (rle_iou(image, truth.mask(image.image_id), true_ids) if image.rles
+                   else np.zeros((0, len(true_ids))))
+        yield ImageMatch(overlap, image.scores, true_labels)
+    if not scored:
+        raise ValueError(f"none of the predicted images of {predictions} has ground truth in {truth.root}")
+    for image_id in truth.image_ids:
+        if image_id not in scored:
+            true_ids, true_labels = truth.cell_labels(image_id)
+            yield ImageMatch(np.zeros((0, len(true_ids))), np.zeros((0, len(columns))), true_labels)
 
 
 def rle_iou(image: PredictedImage, true_mask: np.ndarray, true_ids: np.ndarray) -> np.ndarray:

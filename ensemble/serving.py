@@ -42,7 +42,8 @@ of the image. Inside the package (:meth:`EnsembleModel.classify`, ``ensemble pre
 the probabilities keep the OOF layout ``cell_0..cell_18`` (:data:`OUTPUT_COLUMNS`), so apply_spec,
 the selectors and ``evaluate`` read them; ``predict`` renames them at the boundary. With
 ``member_outputs`` set, also each network's own cell probabilities,
-:func:`ensemble.oof.member_columns` (to score the members beside the ensemble).
+:func:`ensemble.oof.member_columns` (to score the members beside the ensemble; times the
+integrity weight where the ensemble's are).
 
 The MLflow model carries this package as its code (``code_paths``) and is saved as "models from
 code" (:mod:`ensemble.serving_model`): no pickle. Models registered earlier pickled an
@@ -302,8 +303,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
                 probabilities = probabilities * integrity[:, None]
         out = pd.concat([index, pd.DataFrame(probabilities, columns=CELL_COLUMNS)], axis=1)
         if self.member_outputs and n:
-            out = pd.concat([out, *(frames[name][CELL_COLUMNS].set_axis(member_columns(name), axis=1)
-                                    for name in frames)], axis=1)
+            # Weighted as the ensemble is: a member scored beside it then differs by networks and fusion, not VID.
+            weight = integrity[:, None] if self.spec.integrity_weighting else 1.0
+            out = pd.concat([out, *(pd.DataFrame(frames[name][CELL_COLUMNS].to_numpy() * weight,
+                                                 columns=member_columns(name)) for name in frames)], axis=1)
         out["integrity"] = integrity
         out["rle"] = pd.Series([text for s in images for text in s.rle], dtype=object)
         out["width"] = np.repeat([s.width for s in images], counts).astype(np.int64)

@@ -11,7 +11,7 @@ from pycocotools import mask as coco_mask
 
 from ensemble.data.hpa import read_truth
 from ensemble.data.segment import match_cells
-from ensemble.evaluate import COUNTS, evaluate
+from ensemble.evaluate import COUNTS, compare, evaluate
 from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import ImageCells, cell_map, competition_map
 from ensemble.oof import CELL_COLUMNS
@@ -112,3 +112,40 @@ def test_streaming_scores_equal_the_in_memory_metrics_and_count_missed_images(sm
                                                                *read_truth(small_dataset).cell_labels(i))
                                                  for i in predicted})
     assert only_predicted.map > competition.map
+
+
+def test_compare_gives_the_paired_difference_and_an_interval_that_tells_skill_from_the_choice_of_images(
+        small_dataset, tmp_path):
+    truth = read_truth(small_dataset)
+    rng = np.random.default_rng(1)
+    rows = []
+    for image_id in truth.image_ids:
+        mask = truth.mask(image_id)
+        cell_ids, labels = truth.cell_labels(image_id)
+        informed = np.clip(labels + rng.normal(0, 0.4, labels.shape), 0, 1)  # knows the truth, noisily
+        for cell_id, text, good, guess in zip(cell_ids, encode_cells(mask, cell_ids), informed,
+                                              rng.random((len(cell_ids), NUM_CLASSES))):
+            rows.append({"image_id": image_id, "cell_id": int(cell_id), **dict(zip(CELL_COLUMNS, good)),
+                         "integrity": 1.0, "rle": text, "width": mask.shape[1], "height": mask.shape[0],
+                         **{f"guess.{c}": v for c, v in zip(CELL_COLUMNS, guess)},
+                         **{f"same.{c}": v for c, v in zip(CELL_COLUMNS, good)}})
+    path = tmp_path / "p.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    ensemble, guess = evaluate(path, small_dataset), evaluate(path, small_dataset, member="guess")
+
+    result = compare(path, small_dataset, "guess", n_resamples=200)
+    assert result.n_images == 24
+    np.testing.assert_allclose(result.table["candidate"], [ensemble.competition.map, ensemble.cell.map])
+    np.testing.assert_allclose(result.table["baseline"], [guess.competition.map, guess.cell.map])
+    assert (result.table["low"] < result.table["difference"]).all()
+    assert (result.table["difference"] < result.table["high"]).all()
+    assert result.beats("cell_map") and result.beats("competition_map")
+    assert "ensemble - guess: competition +" in result.report()
+    # The same scores under another name: no difference on any resample.
+    same = compare(path, small_dataset, "same", n_resamples=50)
+    assert (same.table[["difference", "low", "high"]] == 0).all().all() and not same.beats()
+    # The other way round, the interval is the mirror image.
+    reverse = compare(path, small_dataset, "ensemble", candidate="guess", n_resamples=200)
+    np.testing.assert_allclose(reverse.table["difference"], -result.table["difference"])
+    with pytest.raises(ValueError, match=r"p.parquet: no scores of 'gues'.*'guess'"):
+        compare(path, small_dataset, "gues")

@@ -23,7 +23,7 @@ from ensemble.data.hpa import read_image, read_truth
 from ensemble.data.segment import create_segmenter
 from ensemble.data.synthetic import simulate
 from ensemble.evaluate import COUNTS, evaluate, prediction_members
-from ensemble.labels import CHANNELS, CLASS_NAMES
+from ensemble.labels import CHANNELS, CLASS_NAMES, NUM_CLASSES
 from ensemble.predict import PredictResult, predict_images, write_predictions
 from ensemble.oof import CELL_COLUMNS
 from ensemble.registry import save_ensemble
@@ -205,10 +205,16 @@ def test_integrity_weights_multiply_the_probabilities(images, tmp_path):
         path = save_ensemble(tmp_path / f"weighting-{weighting}", tiny_spec(integrity_weighting=weighting), members,
                              PREPROCESSING, integrity_dir=tmp_path / "vid",
                              integrity_loader="test_predict:load_constant_integrity")
-        predictions[weighting] = load_ensemble(str(path)).predict_arrays(image)
+        model = load_ensemble(str(path))
+        model.member_outputs = True
+        predictions[weighting] = model.predict_arrays(image)
     weighted, measured = predictions[True], predictions[False]
     assert (weighted["integrity"] == 0.5).all() and (measured["integrity"] == 0.5).all()
     np.testing.assert_allclose(weighted[CELL_COLUMNS], 0.5 * measured[CELL_COLUMNS].to_numpy(), rtol=1e-6)
+    # The members' own columns carry the same weight, so that they compare like for like with the ensemble.
+    own = [c for c in measured.columns if "." in c and c.split(".")[0] in members]
+    assert len(own) == 2 * NUM_CLASSES
+    np.testing.assert_allclose(weighted[own], 0.5 * measured[own].to_numpy(), rtol=1e-6)
 
 
 def perfect_predictions(root: Path) -> pd.DataFrame:
@@ -258,7 +264,7 @@ def test_cli_predicts_and_evaluates_a_folder(model_dir, images, tmp_path, capsys
     assert COUNTS in printed
 
 
-def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images, tmp_path):
+def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images, tmp_path, capsys):
     out = tmp_path / "preds.parquet"
     result = predict_images(model_dir, images, ids=["sim2-00000", "sim2-00001"], out=out, engine="local",
                             progress=False, members=True)
@@ -274,3 +280,8 @@ def test_member_outputs_score_each_network_beside_the_ensemble(model_dir, images
     assert all(0 <= s.cell.map <= 1 and s.n_images == 4 and s.n_missed == 2 for s in scores.values())
     with pytest.raises(ValueError, match="no column"):
         evaluate(out, images, member="not-a-member")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", str(out), str(images), "--against", names[0], "--plot", str(tmp_path / "e.png")])
+    assert args.func(args) == 0
+    assert f"ensemble - {names[0]}: competition " in capsys.readouterr().out
