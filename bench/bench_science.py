@@ -20,8 +20,8 @@ Everything is kept under ``--workdir`` (one folder per seed, each with its own M
 a re-run resumes every finished job and step. Figures go to ``{workdir}/science.json`` too.
 
     python bench/bench_science.py                 # defaults: quick zoo, 2 seeds x 400 images x 6 epochs
-                                                  # (1.7 x the demo's images, more epochs; about 2 h on 2 quiet
-                                                  # cores, estimated from seed 0's quiet part)
+                                                  # (1.7 x the demo's images, more epochs; about 2 h 25 min on
+                                                  # 2 cores: seed 0 took 71 min, BENCHMARKS.md)
     python bench/bench_science.py --seeds 0 --images 60 --epochs 1 --test-images 6 --workdir /tmp/sci-smoke
 """
 
