@@ -173,13 +173,14 @@ def cmd_select(args) -> int:
 def cmd_check_cluster(args) -> int:
     from ensemble.cluster import check_cluster_file
 
-    problems = check_cluster_file(args.config)
+    problems = check_cluster_file(args.config, iam=not args.no_iam)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         print(f"{args.config}: {len(problems)} problem(s); fix them before `ray up`", file=sys.stderr)
         return 2
-    print(f"{args.config}: Ray accepts it and every placeholder is filled in")
+    print(f"{args.config}: Ray accepts it, every placeholder is filled in, every mounted file is there"
+          f"{'' if args.no_iam else ' and the head may launch the workers'}")
     return 0
 
 
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-cluster", help="check a Ray cluster launcher config before `ray up`")
     p.add_argument("config", nargs="?", default="cluster.yaml")
+    p.add_argument("--no-iam", action="store_true",
+                   help="do not ask AWS whether the head's instance profile may launch workers")
     p.set_defaults(func=cmd_check_cluster)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep (ASHA + Optuna) of one model of a zoo on one fold")

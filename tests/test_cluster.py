@@ -32,34 +32,112 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cluster_yaml_is_checked_before_ray_up(tmp_path):
+def fill_in(text: str) -> str:
+    """cluster.yaml with its placeholders filled as a user would."""
+    for marker, value in (("FILL_IN-region", "us-west-2"), ("FILL_IN-ami-id", "ami-0123456789abcdef0"),
+                          ("FILL_IN-bucket", "my-bucket")):
+        text = text.replace(marker, value)
+    return text
+
+
+@pytest.fixture(scope="module")
+def iam():
+    """An AWS API on 127.0.0.1 (moto's server) holding the instance profiles of docs/aws/README.md,
+    and two heads that could not launch a worker: one with the bucket only, one that may pass
+    another role than the workers'."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("iam")
+    docs = REPO / "docs" / "aws"
+    bucket = (docs / "bucket-policy.json").read_text().replace("FILL_IN-bucket", "my-bucket")
+    launch = (docs / "head-launch-policy.json").read_text()
+    for name, policies in {"hpa-ensemble-head": [bucket, launch], "hpa-ensemble-worker": [bucket],
+                           "bucket-only": [bucket],
+                           "wrong-pass": [bucket, launch.replace("role/hpa-ensemble-worker", "role/other")]}.items():
+        client.create_role(RoleName=name, AssumeRolePolicyDocument=(docs / "ec2-trust.json").read_text())
+        for number, policy in enumerate(policies):
+            client.put_role_policy(RoleName=name, PolicyName=f"policy{number}", PolicyDocument=policy)
+        client.create_instance_profile(InstanceProfileName=name)
+        client.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def test_cluster_yaml_is_checked_before_ray_up(tmp_path, iam):
+    home = tmp_path / "home"  # the user's machine: where the MLflow secret file is looked for
+    env = {**os.environ, **iam, "HOME": str(home)}
     check = [str(BIN / "ensemble"), "check-cluster"]
-    shipped = subprocess.run([*check, str(REPO / "cluster.yaml")], capture_output=True, text=True, timeout=120)
+    shipped = subprocess.run([*check, str(REPO / "cluster.yaml")], capture_output=True, text=True, timeout=120, env=env)
     assert shipped.returncode == 2
     unfilled = [line for line in shipped.stderr.splitlines() if "fill in" in line]
-    assert {"region", "ImageId", "IamInstanceProfile", "--artifacts-destination"} <= \
+    assert {"region", "ImageId", "--artifacts-destination"} <= \
         {word.rstrip(":") for line in unfilled for word in line.split()}
+    assert "~/.config/hpa-ensemble/mlflow_backend_uri does not exist" in shipped.stderr
+    assert "lost with `ray down`" in shipped.stderr
 
-    text = (REPO / "cluster.yaml").read_text()
-    for marker, value in (("FILL_IN-region", "us-west-2"), ("FILL_IN-ami-id", "ami-0123456789abcdef0"),
-                          ("FILL_IN-instance-profile", "hpa-s3"), ("FILL_IN-bucket", "my-bucket")):
-        text = text.replace(marker, value)
     filled = tmp_path / "cluster.yaml"
-    filled.write_text(text)
-    assert subprocess.run([*check, str(filled)], capture_output=True, timeout=120).returncode == 0
-    config = yaml.safe_load(text)
+    filled.write_text(fill_in((REPO / "cluster.yaml").read_text()))
+    secret = home / ".config" / "hpa-ensemble" / "mlflow_backend_uri"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("\n")
+    empty = subprocess.run([*check, str(filled)], capture_output=True, text=True, timeout=120, env=env)
+    assert empty.returncode == 2 and "mlflow_backend_uri is empty" in empty.stderr, empty.stderr
+    secret.write_text("postgresql://user:password@db:5432/mlflow\n")
+    accepted = subprocess.run([*check, str(filled)], capture_output=True, text=True, timeout=120, env=env)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "the head may launch the workers" in accepted.stdout
+
+    config = yaml.safe_load(filled.read_text())
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["resources"]["GPU"] >= 1 and workers["max_workers"] >= 1
     assert config["docker"]["image"].startswith("rayproject/ray:2.60.0-py311-gpu")
     assert "/home/ray/ensemble" in config["file_mounts"]
+    assert {".git", "/runs"} <= set(config["rsync_exclude"]), "neither history nor local runs go to every node"
     assert any("pip install -e /home/ray/ensemble" in c for c in config["setup_commands"])
     mlflow = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
     assert "sqlite" not in mlflow and "s3://my-bucket" in mlflow, "runs outlive `ray down`, artifacts in the bucket"
 
     broken = tmp_path / "broken.yaml"
-    broken.write_text(text.replace('resources: {"CPU": 8, "GPU": 1}', 'resources: {"CPU": "eight"}'))
-    rejected = subprocess.run([*check, str(broken)], capture_output=True, text=True, timeout=120)
+    broken.write_text(filled.read_text().replace('resources: {"CPU": 8, "GPU": 1}', 'resources: {"CPU": "eight"}'))
+    rejected = subprocess.run([*check, str(broken)], capture_output=True, text=True, timeout=120, env=env)
     assert rejected.returncode == 2 and "Ray rejects the config" in rejected.stderr
+
+
+def test_the_head_profile_must_let_the_autoscaler_launch_workers(iam):
+    from ensemble.cluster import HEAD_LAUNCH_ACTIONS, check_head_profile
+
+    config = yaml.safe_load(fill_in((REPO / "cluster.yaml").read_text()))
+
+    def head(profile: dict | None) -> dict:
+        changed = yaml.safe_load(yaml.safe_dump(config))
+        node = changed["available_node_types"]["head"]["node_config"]
+        node.pop("IamInstanceProfile")
+        if profile:
+            node["IamInstanceProfile"] = profile
+        return changed
+
+    assert check_head_profile(config, "c.yaml") == [], "the profiles docs/aws/README.md creates"
+    assert check_head_profile(head(None), "c.yaml") == [], "Ray's own head role"
+    [bucket_only] = check_head_profile(head({"Name": "bucket-only"}), "c.yaml")
+    assert bucket_only.startswith("c.yaml: head instance profile 'bucket-only' does not allow ")
+    assert all(action in bucket_only for action in HEAD_LAUNCH_ACTIONS)
+    assert "iam:PassRole on arn:aws:iam::123456789012:role/hpa-ensemble-worker ('gpu_worker')" in bucket_only
+    assert "attach docs/aws/head-launch-policy.json" in bucket_only
+    [wrong] = check_head_profile(head({"Arn": "arn:aws:iam::123456789012:instance-profile/wrong-pass"}), "c.yaml")
+    assert "does not allow iam:PassRole on arn:aws:iam::123456789012:role/hpa-ensemble-worker" in wrong
+    assert "ec2:" not in wrong
+    [absent] = check_head_profile(head({"Name": "no-such-profile"}), "c.yaml")
+    assert "cannot read head instance profile 'no-such-profile' from IAM" in absent and "--no-iam" in absent
 
 
 def wait_for_http(url: str, timeout: float) -> None:
@@ -83,7 +161,8 @@ def head():
     this head only (``ray stop`` would stop every Ray on the machine).
     """
     port, dashboard = free_port(), free_port()
-    # Ray 2.60 clusters require a token: the head, the job client and drivers share this one.
+    # Token authentication on (`ray start` turns it on only when asked): the head, the job client
+    # and drivers share this token.
     env = {**os.environ, "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     process = subprocess.Popen(
