@@ -164,7 +164,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         cra_rows.append(row)
 
     integrity = pipeline.integrity
-    vid = {"oof_without": integrity.map_without, "oof_with": integrity.map_with, "weighting": integrity.weighting}
+    vid = {"oof_without": integrity.decision.without, "oof_with": integrity.decision.with_weights,
+           "oof_as_decided": integrity.decision.nested, "weighting": integrity.weighting}
 
     selection = {m: {"nested_fold_mean": s.nested_mean, "in_sample_fold_mean": s.in_sample_mean}
                  for m, s in spec.scores.items()}

@@ -50,6 +50,7 @@ def current_rss() -> int:
 def child(step: str, n_models: int, n_cells: int, n_folds: int, n_jobs: int) -> dict:
     from ensemble.selectors import (
         GreedyParams,
+        Objective,
         correlation_matrix,
         greedy_selection,
         make_synthetic_oof,
@@ -73,7 +74,8 @@ def child(step: str, n_models: int, n_cells: int, n_folds: int, n_jobs: int) -> 
         rows = np.sort(np.random.default_rng(0).choice(oof.n_cells, size=size, replace=False))
         truth = labels[[f"label_{k}" for k in range(19)]].to_numpy(dtype=bool)[rows].T
         predictions = np.stack([oof.cell[m][:, rows] for m in oof.models])
-        greedy = greedy_selection(predictions, truth, oof.models, params, n_jobs=n_jobs)
+        objective = Objective.build("competition", truth, oof.index["image_id"].to_numpy()[rows])
+        greedy = greedy_selection(predictions, objective, oof.models, params, n_jobs=n_jobs)
         result = {"greedy_steps": [len(h) - 1 for h in greedy.history], "greedy_models": len(greedy.weights)}
     else:
         nested = step == "nested"

@@ -15,6 +15,7 @@ from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.selectors import (
     EnsembleSpec,
     GreedyParams,
+    Objective,
     OOFSet,
     apply_spec,
     average_precision,
@@ -45,7 +46,9 @@ def synthetic():
 
 @pytest.fixture(scope="module")
 def spec(synthetic):
-    return select_ensemble(synthetic.oof, synthetic.labels, aggregation="hierarchical", greedy=FAST_GREEDY)
+    # The synthetic OOF's image stream is built to help cell mAP; the recipe's steps are checked on it.
+    return select_ensemble(synthetic.oof, synthetic.labels, aggregation="hierarchical", greedy=FAST_GREEDY,
+                           objective="cell")
 
 
 def _sklearn_map(truth: np.ndarray, score: np.ndarray) -> float:
@@ -276,8 +279,8 @@ def test_each_fitted_step_of_a_nested_refit_sees_only_its_training_folds(synthet
 
     fits, fit = {}, select._fit
 
-    def recording_fit(oof, targets, moments, rows, exclude_fold, *args):
-        fits[exclude_fold] = fit(oof, targets, moments, rows, exclude_fold, *args)
+    def recording_fit(oof, targets, objective, moments, rows, exclude_fold, *args):
+        fits[exclude_fold] = fit(oof, targets, objective, moments, rows, exclude_fold, *args)
         return fits[exclude_fold]
 
     monkeypatch.setattr(select, "_fit", recording_fit)
@@ -391,7 +394,7 @@ def test_greedy_picks_complementary_models_not_the_bad_one():
     b = [[0.4, 0.4, 0.5, 0.5, 0.6, 0.6], [0.1, 0.1, 0.9, 0.8, 0.3, 0.3]]  # right on class 1 only
     bad = [[0.1, 0.1, 0.5, 0.5, 0.9, 0.9], [0.5, 0.5, 0.1, 0.1, 0.9, 0.9]]  # ranks negatives first
     predictions = np.array([a, b, bad], dtype=np.float32)
-    result = greedy_selection(predictions, truth, ["a", "b", "bad"], GreedyParams(n_init=1, n_bags=1, bag_fraction=1.0))
+    result = greedy_selection(predictions, Objective.build("cell", truth, np.arange(truth.shape[1])), ["a", "b", "bad"], GreedyParams(n_init=1, n_bags=1, bag_fraction=1.0))
     assert result.weights == {"a": 0.5, "b": 0.5}
     assert result.history == [[pytest.approx(2 / 3), 1.0]]  # a alone: AP 1 and 2/6 (tied at the bottom)
 
@@ -401,7 +404,7 @@ def test_greedy_matches_a_naive_reference():
     truth = rng.random((4, 300)) < 0.2
     predictions = (rng.random((5, 4, 300)) + rng.random((5, 1, 1)) * truth).astype(np.float32)
     params = GreedyParams(n_init=2, max_size=8, n_bags=1, bag_fraction=1.0)
-    result = greedy_selection(predictions, truth, list("abcde"), params)
+    result = greedy_selection(predictions, Objective.build("cell", truth, np.arange(truth.shape[1])), list("abcde"), params)
 
     single = [_sklearn_map(truth, p) for p in predictions]
     chosen = list(np.argsort(single)[::-1][:2])
@@ -582,12 +585,12 @@ def test_load_oof_mlflow_concatenates_folds(synthetic, tracking):
 def test_paper_fusion_correlates_over_the_images_that_carry_the_class(synthetic):
     """fusion="paper" thresholds the paper's statistic: per class, over the cells of the images
     labelled with it; both statistics are kept on every rule."""
-    from ensemble.selectors.fusion import labelled_images
+    from ensemble.selectors.scoring import carried_by_image
 
     spec = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", nested=False, greedy=False)
     truth = _truth(synthetic)
     image_ids = synthetic.oof.index["image_id"].to_numpy()
-    within = labelled_images(truth, image_ids)
+    within = carried_by_image(truth, image_ids)
     members = spec.image_models
     image = aggregate({m: synthetic.oof.image[m] for m in members}, {"image": members}, dict.fromkeys(members, 1.0))
     cell = aggregate({m: synthetic.oof.cell[m] for m in spec.members.values()}, spec.groups, spec.weights)
@@ -600,3 +603,56 @@ def test_paper_fusion_correlates_over_the_images_that_carry_the_class(synthetic)
             assert rule.correlation == rule.correlation_labelled == pytest.approx(expected, abs=1e-6)
         assert rule.correlation_all == pytest.approx(np.corrcoef(image[k], cell[k])[0, 1], abs=1e-6)
         assert rule.rule == ("product" if rule.correlation > spec.rho_th else "cell")
+
+
+def test_the_competition_objective_ranks_a_class_only_within_the_images_that_carry_it():
+    """A score that orders cells within an image but puts an image without the class above scores
+    low in cell mAP and perfectly in the competition's ranking; selection defaults to the latter."""
+    truth = np.zeros((1, 8), dtype=bool)
+    truth[0, 0] = True                                     # image "a" carries the class in one cell
+    image_ids = np.array(["a"] * 4 + ["b"] * 4)
+    score = np.array([[0.5, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9]])
+    cell, competition = (Objective.build(kind, truth, image_ids) for kind in ("cell", "competition"))
+    assert cell.map(score) == pytest.approx(average_precision_score(truth[0], score[0])) == pytest.approx(0.2)
+    assert competition.map(score) == pytest.approx(average_precision_score(truth[0, :4], score[0, :4])) == 1.0
+    assert competition.on(slice(4, 8)).map(score[:, 4:]) != competition.on(slice(4, 8)).map(score[:, 4:])  # NaN
+
+
+def test_selection_reports_both_metrics_and_chooses_by_its_objective(synthetic, spec):
+    chosen = select_ensemble(synthetic.oof, synthetic.labels, aggregation="hierarchical", greedy=FAST_GREEDY)
+    assert chosen.objective == "competition" and set(chosen.metric_scores) == {"competition", "cell"}
+    assert chosen.scores == chosen.metric_scores["competition"]
+    truth, image_ids = _truth(synthetic), synthetic.oof.index["image_id"].to_numpy()
+    competition = Objective.build("competition", truth, image_ids)
+    assert chosen.model_map == pytest.approx({m: competition.map(synthetic.oof.cell[m]) for m in synthetic.oof.models})
+    assert spec.metric_scores["cell"]["hcpl"].nested_mean == spec.scores["hcpl"].nested_mean
+    assert "competition mAP (the objective)" in chosen.report() and "cell mAP" in chosen.report()
+    assert EnsembleSpec.from_dict(json.loads(json.dumps(chosen.to_dict()))).metric_scores == chosen.metric_scores
+
+
+def test_weak_labels_fall_back_to_cell_map(synthetic):
+    labels = synthetic.labels.assign(cell_truth=False)
+    with pytest.warns(UserWarning, match="selecting on cell mAP"):
+        weak = select_ensemble(synthetic.oof, labels, fusion="paper", nested=False, greedy=False)
+    assert weak.objective == "cell" and set(weak.metric_scores) == {"cell"}
+
+
+def test_integrity_weighting_is_decided_without_the_fold_it_scores():
+    """Weights that help fold 0 a lot and hurt folds 1 and 2: each fold is weighted as the other
+    folds decide, so fold 0 is not, and the nested score is below the better of the two."""
+    from ensemble.selectors.weighting import decide_weighting
+
+    one = np.array([1, 0, 0, 0], dtype=bool)
+    truth = np.tile(one, 3)[None]
+    scores = np.r_[[0.2, 0.9, 0.9, 0.9], [0.9, 0.5, 0.2, 0.2], [0.9, 0.5, 0.2, 0.2]][:, None]
+    weights = np.r_[[1, 0.1, 0.1, 0.1], [0.5, 1, 1, 1], [0.5, 1, 1, 1]]
+    folds = np.repeat([0, 1, 2], 4)
+    objective = Objective.build("competition", truth, folds.astype(str))
+    decision = decide_weighting(scores, weights, objective, folds)
+    assert decision.fold_decisions == {0: False, 1: True, 2: True} and not decision.weighting
+    assert decision.without == pytest.approx((0.25 + 1 + 1) / 3)
+    assert decision.with_weights == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert decision.nested == pytest.approx((0.25 + 0.5 + 0.5) / 3)
+    assert decide_weighting(scores, weights, objective, folds, "off").nested == decision.without
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        decide_weighting(scores, weights, objective, folds, "sometimes")

@@ -227,7 +227,7 @@ def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_pat
     assert len(final_runs) == 6 and {r.data.params["train.labels"] for r in final_runs} == {"cra1"}
 
     vid = result.integrity
-    assert vid.weighting and 0.5 < vid.cv.scores.loc["xgb", "auc"] <= 1 and 0 <= vid.map_with <= 1
+    assert vid.weighting and 0.5 < vid.cv.scores.loc["xgb", "auc"] <= 1 and 0 <= vid.decision.with_weights <= 1
     report = result.report()
     assert "Visual integrity" in report
     # The CRA table: the weak labels' AP and the DSA trained on them, then cra1 and the final DSA on it.

@@ -3,8 +3,10 @@
 Training writes its out-of-fold table with :func:`predict_cells` and the registered ensemble
 predicts new images with it, so a model scores cells at serving time exactly as selection saw it
 score them. Bags (DSA): an image's cells, in cell id order, are cut into consecutive bags of
-``cells_per_image`` (the last one padded), and the image stream of an image is the max over its
-bags, as the image stream max-pools over cells.
+``cells_per_image`` (the last one padded), and the image stream of an image is the mean over its
+bags. A bag is trained to say whether its image carries a class from the few cells it holds, so
+each bag's output is one estimate of the same image-level probability: their mean stays on the
+scale training saw whatever the image's cell count, where a max over bags would grow with it.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
     -------
     cell : ndarray (n, 19) float32
     image : ndarray (n, 19) float32 or None
-        DSA only: the image stream, the same for every cell of an image (for several networks,
-        the mean of each one's max over the image's bags).
+        DSA only: the image stream, the same for every cell of an image: the mean over the
+        image's bags and over ``networks``.
     """
     cells = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(crops))
     n, k = len(cells), len(networks)
@@ -71,7 +73,8 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
     offsets = np.r_[0, np.cumsum(counts)]
     bags = [(i, a, min(a + size, offsets[i + 1]))
             for i in range(len(counts)) for a in range(offsets[i], offsets[i + 1], size)]
-    image = torch.zeros((k, len(counts), NUM_CLASSES))
+    image = torch.zeros((len(counts), NUM_CLASSES))
+    n_bags = torch.zeros(len(counts))
     per_step = max(1, batch_size // size)
     for step in range(0, len(bags), per_step):
         chunk = bags[step:step + per_step]
@@ -84,11 +87,10 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
         rows = torch.from_numpy(np.concatenate([np.arange(a, b) for _, a, b in chunk]))
         owners = [i for i, _, _ in chunk]
         with torch.autocast(**autocast):
-            for m, network in enumerate(networks):
+            for network in networks:
                 out = network(x, on_device)
                 cell[rows] += torch.sigmoid(out.cell_logits.float()).cpu()[valid]
-                bag = torch.sigmoid(out.image_logits.float()).cpu()
-                for j, i in enumerate(owners):
-                    image[m, i] = torch.maximum(image[m, i], bag[j])
-    image = image.mean(dim=0).numpy()
+                image.index_add_(0, torch.tensor(owners), torch.sigmoid(out.image_logits.float()).cpu())
+        n_bags.index_add_(0, torch.tensor(owners), torch.full((len(owners),), float(k)))
+    image = (image / n_bags[:, None]).numpy()
     return (cell / k).numpy(), np.repeat(image, counts, axis=0)

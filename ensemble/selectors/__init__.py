@@ -16,12 +16,13 @@ from ensemble.selectors.correlation import PredictionMoments, correlation_matrix
 from ensemble.selectors.fusion import PAPER_RHO_TH, FusionRule, decide_fusion, stream_correlation
 from ensemble.oof import OOFSet, Targets, align_labels, load_oof_dir, load_oof_mlflow
 from ensemble.selectors.plots import plot_correlation
-from ensemble.selectors.scoring import average_precision, mean_average_precision
+from ensemble.selectors.scoring import OBJECTIVES, Objective, average_precision, mean_average_precision
 from ensemble.selectors.select import apply_spec, select_ensemble
 from ensemble.selectors.spec import EnsembleSpec, MethodScore, log_to_mlflow
 from ensemble.selectors.synthetic_oof import SyntheticOOF, make_synthetic_oof
 
 __all__ = [
+    "OBJECTIVES",
     "PAPER_RHO_TH",
     "Blocks",
     "Cut",
@@ -31,6 +32,7 @@ __all__ = [
     "GreedyResult",
     "MethodScore",
     "OOFSet",
+    "Objective",
     "PredictionMoments",
     "SyntheticOOF",
     "Targets",

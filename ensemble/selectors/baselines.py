@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.selectors.scoring import map_many
+from ensemble.selectors.scoring import Objective
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class GreedyResult:
 
 def greedy_selection(
     predictions: np.ndarray,
-    truth: np.ndarray,
+    objective: Objective,
     models: list[str],
     params: GreedyParams | None = None,
     n_jobs: int | None = None,
@@ -89,7 +89,8 @@ def greedy_selection(
     predictions : ndarray, shape (n_models, n_classes, n_cells)
         The models' predictions on the selection rows (already sampled; see
         :attr:`GreedyParams.sample_rows`).
-    truth : ndarray of bool, shape (n_classes, n_cells)
+    objective : Objective
+        The score hill-climbed, on the same ``n_cells`` rows.
     models : list of str
         Names of the ``n_models`` rows of ``predictions``.
     params : GreedyParams, optional
@@ -105,7 +106,7 @@ def greedy_selection(
     if predictions.shape[0] != len(models):
         raise ValueError(f"{predictions.shape[0]} predictions for {len(models)} model names")
     rng = np.random.default_rng(params.random_state)
-    single = map_many(truth, predictions, n_jobs)
+    single = objective.map_many(predictions, n_jobs)
     bag_size = max(1, round(params.bag_fraction * len(models)))
     counts, history = [], []
     for _ in range(params.n_bags):
@@ -116,9 +117,9 @@ def greedy_selection(
         # AP is invariant to scaling the scores, so the running sum ranks cells exactly as the
         # running mean would; adding one model's predictions is the whole cost of a candidate.
         running = predictions[start].sum(axis=0, dtype=np.float32)
-        scores = [float(map_many(truth, [running])[0])]
+        scores = [objective.map(running)]
         while count.sum() < params.max_size:
-            gains = map_many(truth, (running + predictions[j] for j in bag), n_jobs)
+            gains = objective.map_many((running + predictions[j] for j in bag), n_jobs)
             best = int(np.argmax(gains))
             if gains[best] <= scores[-1]:
                 break

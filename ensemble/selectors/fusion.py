@@ -78,7 +78,7 @@ def stream_correlation(image: np.ndarray, cell: np.ndarray, within: np.ndarray |
     image, cell : ndarray, shape (n_classes, n_cells)
     within : ndarray of bool, shape (n_classes, n_cells), optional
         Correlate class ``k`` over the cells where ``within[k]`` only. The paper's statistic
-        takes the cells of the images that carry the class (:func:`labelled_images`); over all
+        takes the cells of the images that carry the class (:func:`~ensemble.selectors.scoring.carried_by_image`); over all
         cells, where most are negatives that both streams put near 0, values run far higher.
 
     Returns
@@ -95,19 +95,6 @@ def stream_correlation(image: np.ndarray, cell: np.ndarray, within: np.ndarray |
         denom = np.sqrt(np.dot(x, x) * np.dot(y, y))
         out[k] = np.dot(x, y) / denom if denom > 0 else 0.0
     return out
-
-
-def labelled_images(labels: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """Per class, the cells of the images that carry it: (n_classes, n_cells) bool.
-
-    An image carries a class where any of its cells is labelled with it, which, where cells hold
-    their image's labels, is the image label itself.
-    """
-    codes = pd.factorize(image_ids)[0]
-    carried = np.zeros((labels.shape[0], codes.max() + 1 if len(codes) else 0), dtype=bool)
-    for k in range(labels.shape[0]):
-        carried[k, codes[labels[k].astype(bool)]] = True
-    return carried[:, codes]
 
 
 def decide_fusion(

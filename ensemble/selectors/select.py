@@ -31,10 +31,9 @@ from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import (FUSION_MODES, aggregate, decide_fusion, fuse, labelled_images,
-                                       stream_correlation)
+from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
-from ensemble.selectors.scoring import average_precision, map_many, mean_average_precision
+from ensemble.selectors.scoring import OBJECTIVES, Objective, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,7 @@ class _Settings:
     weights: Mapping[str, float]
     aggregation: str
     image_models: Sequence[str] | None
+    objective: str
 
 
 def select_ensemble(
@@ -70,6 +70,7 @@ def select_ensemble(
     weights: Mapping[str, float] | None = None,
     aggregation: str = "mean",
     image_models: Sequence[str] | None = None,
+    objective: str = "competition",
     nested: bool = True,
     greedy: GreedyParams | bool = True,
     tags: Mapping[str, Mapping[str, str]] | None = None,
@@ -113,6 +114,13 @@ def select_ensemble(
     image_models : sequence of str, optional
         Models whose image streams are fused. Default: the members that have one, or else the
         best-scoring model that has one.
+    objective : {"competition", "cell"}
+        The metric every choice maximises (member ranking, pruning, fusion, greedy):
+        ``competition`` ranks each class's cells only within the images that carry it, the OOF
+        estimate of the competition's metric (:class:`~ensemble.selectors.scoring.Objective`);
+        ``cell`` ranks every cell. Without cell-level truth the competition's ranking is empty
+        (every cell of an image carrying a class is labelled with it), so selection falls back
+        to ``cell`` with a warning. Both metrics are scored and reported.
     nested : bool
         Score every method out of sample (one refit per fold). Costs about ``n_folds`` times the
         selection itself.
@@ -128,8 +136,8 @@ def select_ensemble(
     Returns
     -------
     EnsembleSpec
-        Fitted on all folds; ``scores`` holds in-sample and, with ``nested``, out-of-sample mAP
-        of ``hcpl`` (this recipe), ``hcpl_unfused`` (the same members, cell stream only, which
+        Fitted on all folds; ``scores`` holds in-sample and, with ``nested``, out-of-sample
+        scores under the objective (``metric_scores`` under each metric) of ``hcpl`` (this recipe), ``hcpl_unfused`` (the same members, cell stream only, which
         shows what fusion adds), ``best_single``, ``mean_all`` and ``greedy``. The baselines
         combine cell streams only (no image-stream fusion). When every fold makes the same
         choices as the full fit, the pooled out-of-sample mAP equals the in-sample one.
@@ -144,38 +152,54 @@ def select_ensemble(
     oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
     targets = align_labels(labels, oof)
     settings = _Settings(correlation, threshold, blocks_by_kind, prune, fusion, rho_th, override_margin,
-                         dict(weights or {}), aggregation, image_models)
+                         dict(weights or {}), aggregation, image_models, objective)
     _check_settings(settings, oof, targets)
     greedy_params = GreedyParams() if greedy is True else (greedy or None)
     folds = oof.fold_slices()
     if nested and len(folds) < 2:
         raise ValueError(f"nested scoring needs at least 2 folds; the OOF has {len(folds)}")
+    metrics = _objectives(targets, oof.index["image_id"].to_numpy())
+    if objective not in metrics:
+        warnings.warn("the labels hold no cell-level truth, so the competition's ranking within images is empty: "
+                      "selecting on cell mAP", stacklevel=2)
+        settings = replace(settings, objective="cell")
+    chosen = metrics[settings.objective]
 
     logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
     moments = prediction_moments(oof, chunk_rows=chunk_rows)
     everything = slice(0, oof.n_cells)
-    spec = _fit(oof, targets, moments, everything, None, settings, n_jobs)
-    baselines, greedy_result = _fit_baselines(oof, targets, spec, everything, greedy_params, n_jobs)
+    spec = _fit(oof, targets, chosen, moments, everything, None, settings, n_jobs)
+    baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, n_jobs)
     predictions = {"hcpl": _predict(spec, oof, everything), "hcpl_unfused": _predict(spec, oof, everything, fused=False)}
     predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
-    per_class = {m: average_precision(targets.truth, p) for m, p in predictions.items()}
-    in_sample = {m: float(np.nanmean(ap)) for m, ap in per_class.items()}
-    in_sample_mean = {m: _fold_mean_map(targets.truth, p, folds) for m, p in predictions.items()}
-
-    out_of_sample, nested_predictions = {}, None
+    held_out = None
     if nested:
-        out_of_sample, held_out = _nested_scores(oof, targets, moments, settings, greedy_params, list(predictions),
-                                                 n_jobs)
-        nested_predictions = oof.index.assign(**dict(zip(CELL_COLUMNS, held_out["hcpl"])))
-    scores = {m: MethodScore(in_sample=in_sample[m], in_sample_mean=in_sample_mean[m], **out_of_sample.get(m, {}))
-              for m in predictions}
+        held_out = _nested_predictions(oof, targets, chosen, moments, settings, greedy_params, list(predictions),
+                                       n_jobs)
+    metric_scores = {name: _method_scores(metric, predictions, held_out, folds) for name, metric in metrics.items()}
     return replace(
         spec,
-        per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, per_class["hcpl"], strict=True)},
-        scores=scores,
+        objective=settings.objective,
+        per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, chosen.per_class(predictions["hcpl"]),
+                                                         strict=True)},
+        scores=metric_scores[settings.objective],
+        metric_scores=metric_scores,
         greedy=greedy_result,
-        nested_predictions=nested_predictions,
+        nested_predictions=None if held_out is None else oof.index.assign(**dict(zip(CELL_COLUMNS, held_out["hcpl"]))),
     )
+
+
+def _objectives(targets: Targets, image_ids: np.ndarray) -> dict[str, Objective]:
+    """Each metric that the labels can score, bound to them.
+
+    The competition's ranking keeps only rows with cell-level truth: where cells hold their
+    image's labels, every cell of an image that carries a class is a positive of it.
+    """
+    metrics = {"cell": Objective.build("cell", targets.truth, image_ids)}
+    if targets.cell_level.any():
+        competition = Objective.build("competition", targets.truth, image_ids)
+        metrics["competition"] = replace(competition, ranked=competition.ranked & targets.cell_level)
+    return {name: metrics[name] for name in OBJECTIVES if name in metrics}
 
 
 def apply_spec(spec: EnsembleSpec, predictions: OOFSet | Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -218,6 +242,7 @@ def apply_spec(spec: EnsembleSpec, predictions: OOFSet | Mapping[str, pd.DataFra
 def _fit(
     oof: OOFSet,
     targets: Targets,
+    objective: Objective,
     moments: PredictionMoments,
     rows: slice | np.ndarray,
     exclude_fold: int | None,
@@ -230,14 +255,15 @@ def _fit(
     if settings.blocks_by_kind:  # the kinds are the hierarchical aggregation's groups
         kind_of = {m: kind for kind, models in _groups(oof.models, oof, "hierarchical").items() for m in models}
     blocks = find_blocks(corr, settings.threshold, kind_of)
-    truth = targets.truth[:, rows]
+    objective = objective.on(rows)
+    truth = objective.truth
     logger.info("scoring %d models", len(oof.models))
-    scores = map_many(truth, (oof.cell[m][:, rows] for m in oof.models), n_jobs)
+    scores = objective.map_many((oof.cell[m][:, rows] for m in oof.models), n_jobs)
     model_map = dict(zip(oof.models, scores.tolist(), strict=True))
     members = choose_members(blocks, model_map)
     pruned: dict[str, str] = {}
     if settings.prune:
-        members, pruned = _prune(members, model_map, oof, truth, rows, settings)
+        members, pruned = _prune(members, model_map, oof, objective, rows, settings)
     chosen = list(members.values())
     weights = {m: float(settings.weights.get(m, 1.0)) for m in chosen}
     groups = _groups(chosen, oof, settings.aggregation)
@@ -255,14 +281,15 @@ def _fit(
             _image_weights(settings.weights, image_models),
         )
         statistics = {"all": stream_correlation(image, cell),
-                      "labelled": stream_correlation(image, cell, within=labelled_images(
+                      "labelled": stream_correlation(image, cell, within=carried_by_image(
                           truth, oof.index["image_id"].to_numpy()[rows]))}
         correlation = statistics["labelled" if settings.fusion == "paper" else "all"]
         scored = targets.cell_level[rows]
         if scored.any():
-            ap_product = average_precision(truth[:, scored], (cell * image)[:, scored])
-            ap_cell = average_precision(truth[:, scored], cell[:, scored])
-            fold_gain = _fold_gain(truth, cell, image, scored, oof.index["fold"].to_numpy()[rows])
+            on_scored = objective.on(scored)
+            ap_product = on_scored.per_class((cell * image)[:, scored])
+            ap_cell = on_scored.per_class(cell[:, scored])
+            fold_gain = _fold_gain(objective, cell, image, scored, oof.index["fold"].to_numpy()[rows])
         elif settings.fusion == "fit":
             raise ValueError(f"fusion='fit' found no cell-level truth outside fold {exclude_fold} to fit on")
     rules, rho_th = decide_fusion(
@@ -298,14 +325,14 @@ def _fit(
     )
 
 
-def _fold_gain(truth: np.ndarray, cell: np.ndarray, image: np.ndarray, scored: np.ndarray,
+def _fold_gain(objective: Objective, cell: np.ndarray, image: np.ndarray, scored: np.ndarray,
                fold_of_row: np.ndarray) -> dict[int, np.ndarray]:
     """Per fold: AP of the product minus AP of the cell stream, per class, on its scored rows."""
     gains = {}
     for fold in np.unique(fold_of_row):
         rows = scored & (fold_of_row == fold)
-        gains[int(fold)] = (average_precision(truth[:, rows], (cell * image)[:, rows])
-                            - average_precision(truth[:, rows], cell[:, rows]))
+        on_fold = objective.on(rows)
+        gains[int(fold)] = on_fold.per_class((cell * image)[:, rows]) - on_fold.per_class(cell[:, rows])
     return gains
 
 
@@ -324,11 +351,12 @@ def _prune(
     members: Mapping[str, str],
     model_map: Mapping[str, float],
     oof: OOFSet,
-    truth: np.ndarray,
+    objective: Objective,
     rows: slice | np.ndarray,
     settings: _Settings,
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Keep a block's member only if it raises the aggregated cell-stream mAP on ``rows``.
+    """Keep a block's member only if it raises the aggregated cell stream's score on ``rows``
+    (``objective``, already restricted to them).
 
     Greedy in order of member mAP, one pass: each block is tried once, so this costs one mAP per
     block, not Caruana's one per model per step.
@@ -340,7 +368,7 @@ def _prune(
         trial = [*kept.values(), members[block]]
         weights = {m: float(settings.weights.get(m, 1.0)) for m in trial}
         cell = aggregate({m: oof.cell[m][:, rows] for m in trial}, _groups(trial, oof, settings.aggregation), weights)
-        score = mean_average_precision(truth, cell)
+        score = objective.map(cell)
         if score > best:
             kept[block], best = members[block], score
         else:
@@ -366,7 +394,7 @@ def _predict(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fused: b
 
 def _fit_baselines(
     oof: OOFSet,
-    targets: Targets,
+    objective: Objective,
     spec: EnsembleSpec,
     rows: slice | np.ndarray,
     greedy_params: GreedyParams | None,
@@ -385,7 +413,7 @@ def _fit_baselines(
             rng = np.random.default_rng(greedy_params.random_state)
             rows = np.sort(rng.choice(rows, size=greedy_params.sample_rows, replace=False))
         sample = np.stack([oof.cell[m][:, rows] for m in oof.models])
-        greedy = greedy_selection(sample, targets.truth[:, rows], oof.models, greedy_params, n_jobs)
+        greedy = greedy_selection(sample, objective.on(rows), oof.models, greedy_params, n_jobs)
         baselines["greedy"] = greedy.weights
     return baselines, greedy
 
@@ -394,56 +422,57 @@ def _weighted_mean(oof: OOFSet, weights: Mapping[str, float], rows: slice | np.n
     return aggregate({m: oof.cell[m][:, rows] for m in weights}, {"all": list(weights)}, weights)
 
 
-def _fold_mean_map(truth: np.ndarray, score: np.ndarray, folds: Mapping[int, slice]) -> float:
-    """Mean over folds of each fold's mAP: the form of ``nested_mean``, for in-sample predictions."""
-    with warnings.catch_warnings():  # a class without positives in a fold is NaN there
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean([np.nanmean(average_precision(truth[:, rows], score[:, rows]))
-                                 for rows in folds.values()]))
-
-
-def _nested_scores(
+def _nested_predictions(
     oof: OOFSet,
     targets: Targets,
+    objective: Objective,
     moments: PredictionMoments,
     settings: _Settings,
     greedy_params: GreedyParams | None,
     methods: list[str],
     n_jobs: int | None,
-) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Per method: AP per class on each held-out fold of the method fitted on the other folds,
-    and the held-out predictions themselves (``(n_classes, n_cells)`` per method).
+) -> dict[str, np.ndarray]:
+    """Per method, its held-out predictions ``(n_classes, n_cells)``: each fold's cells as the
+    method fitted on the other folds predicts them."""
+    held_out = {m: np.empty_like(targets.truth, dtype=np.float32) for m in methods}
+    for fold, rows in oof.fold_slices().items():
+        logger.info("nested selection: refitting without fold %d", fold)
+        train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
+        spec = _fit(oof, targets, objective, moments, train, fold, settings, n_jobs)
+        baselines, _ = _fit_baselines(oof, objective, spec, train, greedy_params, n_jobs)
+        held_out["hcpl"][:, rows] = _predict(spec, oof, rows)
+        held_out["hcpl_unfused"][:, rows] = _predict(spec, oof, rows, fused=False)
+        for method, weights in baselines.items():
+            held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
+    return held_out
+
+
+def _method_scores(metric: Objective, predictions: Mapping[str, np.ndarray],
+                   held_out: Mapping[str, np.ndarray] | None, folds: Mapping[int, slice]) -> dict[str, MethodScore]:
+    """Each method's in-sample and (with ``held_out``) nested scores under ``metric``.
 
     Fold-wise means are the honest figures. Pooling the folds' predictions into one ranking also
     measures whether their scales agree, which fused predictions need not: a class fused in one
     refit and not in another mixes products with plain probabilities.
     """
-    held_out = {m: np.empty_like(targets.truth, dtype=np.float32) for m in methods}
-    fold_ap: dict[str, dict[int, np.ndarray]] = {m: {} for m in methods}
-    for fold, rows in oof.fold_slices().items():
-        logger.info("nested selection: refitting without fold %d", fold)
-        train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
-        spec = _fit(oof, targets, moments, train, fold, settings, n_jobs)
-        baselines, _ = _fit_baselines(oof, targets, spec, train, greedy_params, n_jobs)
-        held_out["hcpl"][:, rows] = _predict(spec, oof, rows)
-        held_out["hcpl_unfused"][:, rows] = _predict(spec, oof, rows, fused=False)
-        for method, weights in baselines.items():
-            held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
-        for m in methods:
-            fold_ap[m][fold] = average_precision(targets.truth[:, rows], held_out[m][:, rows])
     out = {}
-    with warnings.catch_warnings():  # a class without positives in any held-out fold stays NaN
+    with warnings.catch_warnings():  # a class without positives in a fold is NaN there
         warnings.simplefilter("ignore", RuntimeWarning)
-        for m in methods:
-            folds = {fold: float(np.nanmean(ap)) for fold, ap in fold_ap[m].items()}
-            per_class = np.nanmean(np.stack(list(fold_ap[m].values())), axis=0)
-            out[m] = {
-                "nested_folds": folds,
-                "nested_mean": float(np.nanmean(list(folds.values()))),
-                "nested_pooled": float(np.nanmean(average_precision(targets.truth, held_out[m]))),
-                "nested_per_class": {name: float(v) for name, v in zip(CLASS_NAMES, per_class, strict=True)},
-            }
-    return out, held_out
+        for method, score in predictions.items():
+            in_sample_mean = float(np.nanmean([metric.on(rows).map(score[:, rows]) for rows in folds.values()]))
+            nested = {}
+            if held_out is not None:
+                fold_ap = {fold: metric.on(rows).per_class(held_out[method][:, rows]) for fold, rows in folds.items()}
+                by_fold = {fold: float(np.nanmean(ap)) for fold, ap in fold_ap.items()}
+                per_class = np.nanmean(np.stack(list(fold_ap.values())), axis=0)
+                nested = {
+                    "nested_folds": by_fold,
+                    "nested_mean": float(np.nanmean(list(by_fold.values()))),
+                    "nested_pooled": metric.map(held_out[method]),
+                    "nested_per_class": {name: float(v) for name, v in zip(CLASS_NAMES, per_class, strict=True)},
+                }
+            out[method] = MethodScore(in_sample=metric.map(score), in_sample_mean=in_sample_mean, **nested)
+    return out
 
 
 def _image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
@@ -463,6 +492,8 @@ def _check_settings(settings: _Settings, oof: OOFSet, targets: Targets) -> None:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {settings.aggregation!r}")
     if settings.rho_th is not None and not -1.0 <= settings.rho_th <= 1.0:
         raise ValueError(f"rho_th is a correlation in [-1, 1]; got {settings.rho_th}")
+    if settings.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}; got {settings.objective!r}")
     if settings.override_margin < 0:
         raise ValueError(f"override_margin must be >= 0; got {settings.override_margin}")
     unknown = [m for m in settings.weights if m not in oof.cell]

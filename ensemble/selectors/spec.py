@@ -94,9 +94,13 @@ class EnsembleSpec:
     correlation_kind : {"within_class", "flat"}
         See :mod:`ensemble.selectors.correlation`.
     per_class_ap : dict of str to float
-        In-sample AP of the ensemble per class.
+        In-sample AP of the ensemble per class, under ``objective``.
+    objective : {"competition", "cell"}
+        The metric selection maximised (:class:`~ensemble.selectors.scoring.Objective`).
     scores : dict of str to MethodScore
-        Method (:data:`METHODS`) -> its mAPs.
+        Method (:data:`METHODS`) -> its mAPs under ``objective``.
+    metric_scores : dict of str to dict of str to MethodScore
+        Metric -> method -> its mAPs: every metric the labels could score, the objective's too.
     greedy : GreedyResult or None
         The greedy baseline fitted on all folds.
     integrity_weighting : bool
@@ -124,7 +128,9 @@ class EnsembleSpec:
     pruned: dict[str, str] = field(default_factory=dict)
     correlation_kind: str = "flat"
     per_class_ap: dict[str, float] = field(default_factory=dict)
+    objective: str = "cell"
     scores: dict[str, MethodScore] = field(default_factory=dict)
+    metric_scores: dict[str, dict[str, MethodScore]] = field(default_factory=dict)
     greedy: GreedyResult | None = None
     integrity_weighting: bool = False
     nested_predictions: pd.DataFrame | None = field(default=None, repr=False, compare=False)
@@ -150,11 +156,9 @@ class EnsembleSpec:
         corr = data["correlation"]
         data["correlation"] = pd.DataFrame(_floats(corr["values"]), index=corr["models"], columns=corr["models"])
         data["fusion"] = {k: FusionRule(**v) for k, v in data["fusion"].items()}
-        data["scores"] = {
-            k: MethodScore(**{**v, "in_sample": _floats(v["in_sample"]), "nested_folds": _int_keys(v["nested_folds"]),
-                              "nested_per_class": _floats(v.get("nested_per_class"))})
-            for k, v in data["scores"].items()
-        }
+        data["scores"] = _method_scores(data["scores"])
+        data["metric_scores"] = {metric: _method_scores(scores)
+                                 for metric, scores in data.get("metric_scores", {}).items()}
         if "block_threshold" in data:  # specs written before blocks were found per kind
             data["block_cuts"] = {"all": {"models": list(data["correlation"].index), "silhouette": None,
                                           "threshold": data.pop("block_threshold"), "rule": data.pop("block_rule")}}
@@ -268,14 +272,16 @@ class EnsembleSpec:
             won, lost, n = verdict
             lines.append(f"  out of sample (nested), of the {n} classes fused the product beat the cell stream alone "
                          f"on {won}, lost on {lost}, tied on {n - won - lost}")
-        lines += ["", f"  {'mAP':<14}{'fold mean: in-sample':>21}{'nested':>8}{'pooled: in-sample':>19}"
-                      f"{'nested':>8}  nested per fold"]
-        for method, score in self.scores.items():
-            folds = " ".join(f"{v:.4f}" for v in (score.nested_folds or {}).values())
-            lines.append(
-                f"  {method:<14}{_fmt(score.in_sample_mean, 21)}{_fmt(score.nested_mean, 8)}"
-                f"{_fmt(score.in_sample, 19)}{_fmt(score.nested_pooled, 8)}  {folds}"
-            )
+        for metric, scores in (self.metric_scores or {self.objective: self.scores}).items():
+            heading = f"{metric} mAP" + (" (the objective)" if metric == self.objective else "")
+            lines += ["", f"  {heading:<28}{'fold mean: in-sample':>21}{'nested':>8}{'pooled: in-sample':>19}"
+                          f"{'nested':>8}  nested per fold"]
+            for method, score in scores.items():
+                folds = " ".join(f"{v:.4f}" for v in (score.nested_folds or {}).values())
+                lines.append(
+                    f"  {method:<28}{_fmt(score.in_sample_mean, 21)}{_fmt(score.nested_mean, 8)}"
+                    f"{_fmt(score.in_sample, 19)}{_fmt(score.nested_pooled, 8)}  {folds}"
+                )
         if self.greedy is not None:
             top = sorted(self.greedy.weights.items(), key=lambda kv: -kv[1])
             lines += [
@@ -298,7 +304,9 @@ def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact
     """Log the spec (``<artifact_path>/ensemble_spec.json``), the plots and the mAPs to the active run.
 
     Metrics, each in both forms (``_fold_mean``: mean of the folds' mAPs; ``_pooled``: one mAP
-    over all folds' cells): ``map_<method>_in_sample_*`` and ``map_<method>_nested_*``; and the
+    over all folds' cells): ``map_<method>_in_sample_*`` and ``map_<method>_nested_*`` under the
+    objective, the same as ``<metric>_map_<method>_*`` under each metric (``competition``,
+    ``cell``); and the
     blocks' agreement with backbone families, within each kind (``blocks_family_ari``) and with
     family alone (``blocks_family_only_ari``).
 
@@ -315,11 +323,13 @@ def log_to_mlflow(spec: EnsembleSpec, plots: Iterable[str | Path] = (), artifact
     for plot in plots:
         mlflow.log_artifact(str(plot), artifact_path)
     metrics = {}
-    for method, score in spec.scores.items():
-        metrics[f"map_{method}_in_sample_pooled"] = score.in_sample
-        metrics[f"map_{method}_in_sample_fold_mean"] = score.in_sample_mean
-        metrics[f"map_{method}_nested_pooled"] = score.nested_pooled
-        metrics[f"map_{method}_nested_fold_mean"] = score.nested_mean
+    prefixes = {"map": spec.scores} | {f"{metric}_map": scores for metric, scores in spec.metric_scores.items()}
+    for prefix, scores in prefixes.items():
+        for method, score in scores.items():
+            metrics[f"{prefix}_{method}_in_sample_pooled"] = score.in_sample
+            metrics[f"{prefix}_{method}_in_sample_fold_mean"] = score.in_sample_mean
+            metrics[f"{prefix}_{method}_nested_pooled"] = score.nested_pooled
+            metrics[f"{prefix}_{method}_nested_fold_mean"] = score.nested_mean
     metrics["blocks_family_ari"] = spec.family_agreement()
     metrics["blocks_family_only_ari"] = spec.family_agreement(within_kinds=False)
     mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
@@ -346,6 +356,12 @@ def _floats(value):
     if isinstance(value, list):
         return [_floats(v) for v in value]
     return float("nan") if value is None else value
+
+
+def _method_scores(data: dict) -> dict[str, MethodScore]:
+    return {k: MethodScore(**{**v, "in_sample": _floats(v["in_sample"]), "nested_folds": _int_keys(v["nested_folds"]),
+                              "nested_per_class": _floats(v.get("nested_per_class"))})
+            for k, v in data.items()}
 
 
 def _int_keys(value: dict | None) -> dict[int, float] | None:
