@@ -14,10 +14,12 @@ and, once ``ensemble evaluate --model-version`` has scored it on a labelled test
 
 Promotion (:func:`decide_promotion`): ``always`` moves the alias to the new version, ``never``
 leaves it where it is, ``if-better`` (the default) moves it when the new version is no worse
-than the champion on every score both carry (the nested score; the test score where both were
-measured on the same test set) and better on at least one. A champion registered before versions
-carried scores gives way to any new version; a new version with no score to compare keeps the
-champion where it is.
+than the champion on every score both carry and better on at least one. Only like is compared
+with like: nested scores of versions trained on the same data (fingerprint) with the same zoo,
+test scores measured on the same test set; the reason, recorded in the ``promotion`` tag and
+shown by ``ensemble models``, says which were not compared and why. A champion registered
+before versions carried scores gives way to any new version; a new version with no score to
+compare keeps the champion where it is (``--promote always`` moves it).
 """
 
 from __future__ import annotations
@@ -48,18 +50,43 @@ ENSEMBLE_METHOD = "hcpl"  # the selected ensemble's entry in EnsembleSpec.scores
 
 @dataclass(frozen=True)
 class VersionScores:
-    """The scores a version carries (None where not measured)."""
+    """The scores a version carries (None where not measured), and what they were measured on.
+
+    Attributes
+    ----------
+    nested, test : float or None
+        The selection's nested score; the test score.
+    test_data : str or None
+        Fingerprint of the test set of ``test``.
+    zoo, data : str or None
+        The zoo and the training data's fingerprint of ``nested``.
+    """
 
     nested: float | None = None
     test: float | None = None
     test_data: str | None = None
+    zoo: str | None = None
+    data: str | None = None
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> VersionScores:
         def number(key):
             return float(tags[key]) if key in tags else None
 
-        return cls(number(tracking.TAG_NESTED_SCORE), number(tracking.TAG_TEST_SCORE), tags.get(tracking.TAG_TEST_DATA))
+        return cls(number(tracking.TAG_NESTED_SCORE), number(tracking.TAG_TEST_SCORE), tags.get(tracking.TAG_TEST_DATA),
+                   tags.get(tracking.TAG_ZOO), tags.get(tracking.TAG_FINGERPRINT))
+
+
+def _unlike(new: VersionScores, champion: VersionScores, fields: tuple[tuple[str, str], ...]) -> str:
+    """Why two versions' scores measured on ``fields`` are not comparable ("" when they are)."""
+    reasons = []
+    for field, said in fields:
+        ours, theirs = getattr(new, field), getattr(champion, field)
+        if ours is None or theirs is None:
+            reasons.append(f"{said} not recorded")
+        elif ours != theirs:
+            reasons.append(f"{said} {ours[:16]} vs {theirs[:16]}")
+    return ", ".join(reasons)
 
 
 def nested_score(spec: EnsembleSpec) -> float | None:
@@ -80,16 +107,22 @@ def decide_promotion(rule: str, new: VersionScores, champion: VersionScores | No
         return True, "no champion before"
     if champion.nested is None and champion.test is None:
         return True, f"champion v{champion_version} carries no score"
-    pairs = []
-    if new.nested is not None and champion.nested is not None:
-        pairs.append(("nested", new.nested, champion.nested))
-    if new.test is not None and champion.test is not None and new.test_data == champion.test_data:
-        pairs.append(("test", new.test, champion.test))
+    pairs, unlike = [], []
+    for score, fields in (("nested", (("zoo", "zoo"), ("data", "data"))), ("test", (("test_data", "test data"),))):
+        ours, theirs = getattr(new, score), getattr(champion, score)
+        if ours is None or theirs is None:
+            continue
+        why = _unlike(new, champion, fields)
+        if why:
+            unlike.append(f"{score} not compared ({why})")
+        else:
+            pairs.append((score, ours, theirs))
+    skipped = "".join(f"; {reason}" for reason in unlike)
     if not pairs:
-        return False, f"no score to compare with champion v{champion_version}"
-    shown = ", ".join(f"{name} {a:.4f} vs {b:.4f}" for name, a, b in pairs)
+        return False, f"no score to compare with champion v{champion_version}{skipped}"
+    shown = ", ".join(f"{score} {a:.4f} vs {b:.4f}" for score, a, b in pairs)
     better = all(a >= b for _, a, b in pairs) and any(a > b for _, a, b in pairs)
-    return better, f"{'better' if better else 'not better'} than champion v{champion_version}: {shown}"
+    return better, f"{'better' if better else 'not better'} than champion v{champion_version}: {shown}{skipped}"
 
 
 def promote_version(name: str, version: str, alias: str = "champion", rule: str = "if-better",
@@ -179,7 +212,8 @@ def list_versions(name: str = "hpa-ensemble", tracking_uri: str | None = None) -
                      "nested": _number(tags.get(tracking.TAG_NESTED_SCORE)),
                      "test": _number(tags.get(tracking.TAG_TEST_SCORE)),
                      "test_cell": _number(tags.get(tracking.TAG_TEST_CELL_MAP)),
-                     "zoo": tags.get(tracking.TAG_ZOO, ""), "members": tags.get(tracking.TAG_MEMBERS, ""),
+                     "zoo": tags.get(tracking.TAG_ZOO, ""), "data": tags.get(tracking.TAG_FINGERPRINT, "")[:12],
+                     "members": tags.get(tracking.TAG_MEMBERS, ""),
                      "code": tags.get(tracking.TAG_CODE_VERSION, ""),
                      "registered": pd.Timestamp(v.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
                      "promotion": tags.get(tracking.TAG_PROMOTION, "")})

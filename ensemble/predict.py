@@ -205,7 +205,7 @@ class _Segment:
 
     def __init__(self, model_uri: str, tracking_uri: str, data_root: str, split: str, masks: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
-        self.model = load_ensemble(model_uri)
+        self.model = load_ensemble(model_uri, networks=False)
         self.data_root, self.split, self.masks = data_root, split, masks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,8 +10,12 @@ anywhere the package's requirements are installed. Its artifacts::
     ensemble_spec   ensemble_spec.json          EnsembleSpec.to_json
     config          config.json                 preprocessing, members' ModelSpecs, integrity hook
     members         members/{model}/fold{k}.pt  each fold network's state_dict (checkpoint/best.pt)
-    segmenter       files the segmenter reads (hpacellseg weights), when its settings name any
+    segmenter       files the segmenter reads (hpacellseg weights), when its settings name any,
+                    copied from wherever they are (a path or any URL: s3://...)
     integrity       optional: the directory handed to the integrity loader
+
+Its requirements are this package's, and hpacellseg's when it segments with it: a server
+needs nothing but the registry.
 
 Which version is the champion, and what each version records, is :mod:`ensemble.governance`.
 """
@@ -31,9 +35,9 @@ import mlflow
 from mlflow.artifacts import download_artifacts
 
 import ensemble
-from ensemble import governance, tracking
+from ensemble import governance, storage, tracking
 from ensemble.selectors import EnsembleSpec
-from ensemble.serving import CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, Preprocessing, load_integrity_hook
+from ensemble.serving import CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, LOAD_NETWORKS, Preprocessing, load_integrity_hook
 # Re-exported: models registered before serving.py existed pickled their python_model as
 # ensemble.registry.EnsembleModel, and unpickling looks it up here.
 from ensemble.serving import EnsembleModel  # noqa: F401
@@ -41,6 +45,11 @@ from ensemble.serving_io import SIGNATURE, example_input
 from ensemble.zoo import ModelSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # training runs log checkpoint/best.pt and checkpoint/spec.json
+SEGMENTER_REQUIREMENTS = {
+    "hpacellseg": ["pytorch_zoo", "hpacellseg @ https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/master.zip"],
+}
+"""What a serving environment installs for a segmenter beyond this package (hpacellseg is not on
+PyPI: README, "Segmentation")."""
 
 
 @dataclass(frozen=True)
@@ -240,16 +249,17 @@ def _model_arguments(spec: EnsembleSpec, members: Mapping[str, MemberCheckpoints
         for fold, path in members[m].folds.items():
             (staging / "members" / m).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, staging / "members" / m / f"fold{fold}.pt")
-    # Files the segmenter reads (hpacellseg's U-Net weights) travel with the model; load_context
-    # points the settings at the packed copies.
-    segmenter_files = {key: Path(value).name for key, value in preprocessing.segmenter["settings"].items()
-                       if isinstance(value, str) and Path(value).is_file()}
+    # Files the segmenter reads (hpacellseg's U-Net weights, local or in a bucket) travel with the
+    # model; load_context points the settings at the packed copies.
+    sources = {key: value for key, value in preprocessing.segmenter["settings"].items() if _names_a_file(value)}
+    segmenter_files = {key: storage.name(source) for key, source in sources.items()}
     artifacts = {"ensemble_spec": str(staging / "ensemble_spec.json"), "members": str(staging / "members"),
                  "config": str(staging / "config.json")}
-    if segmenter_files:
+    if sources:
         (staging / "segmenter").mkdir()
-        for key, file_name in segmenter_files.items():
-            shutil.copyfile(preprocessing.segmenter["settings"][key], staging / "segmenter" / file_name)
+        for key, source in sources.items():
+            with storage.open_file(source) as read, open(staging / "segmenter" / segmenter_files[key], "wb") as write:
+                shutil.copyfileobj(read, write)
         artifacts["segmenter"] = str(staging / "segmenter")
     if integrity_dir is not None:
         load_integrity_hook(integrity_loader, integrity_dir)  # fail now, not on a user's machine
@@ -269,15 +279,28 @@ def _model_arguments(spec: EnsembleSpec, members: Mapping[str, MemberCheckpoints
     code = staging / "code" / package.name
     shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dict(python_model=str(package / "serving_model.py"), code_paths=[str(code)], artifacts=artifacts,
-                signature=SIGNATURE, input_example=example_input(), pip_requirements=_requirements())
+                signature=SIGNATURE, input_example=example_input(),
+                pip_requirements=_requirements(preprocessing.segmenter["name"]),
+                model_config={LOAD_NETWORKS: True})  # named, so that load_ensemble(networks=False) may change it
 
 
-def _requirements() -> list[str] | None:
-    """The installed ``ensemble`` distribution's own requirements, so MLflow need not infer them
-    (inference loads the model in a subprocess: slow). The package itself travels as the model's
-    code (``code_paths``), so the requirements are what a serving environment installs."""
+def _names_a_file(value) -> bool:
+    """Whether a segmenter setting is a path or URL of an existing file."""
+    if not isinstance(value, str) or not value:
+        return False
+    if storage.is_local(value):
+        return Path(value.removeprefix("file://")).is_file()
+    fs, path = storage.filesystem(value)
+    return fs.isfile(path)
+
+
+def _requirements(segmenter: str) -> list[str] | None:
+    """The installed ``ensemble`` distribution's own requirements and the segmenter's
+    (:data:`SEGMENTER_REQUIREMENTS`), so MLflow need not infer them (inference loads the model in
+    a subprocess: slow). The package itself travels as the model's code (``code_paths``), so the
+    requirements are what a serving environment installs."""
     try:
         requires = metadata.requires("ensemble") or []
     except metadata.PackageNotFoundError:
         return None
-    return [r for r in requires if "extra ==" not in r]
+    return [r for r in requires if "extra ==" not in r] + SEGMENTER_REQUIREMENTS.get(segmenter, [])

@@ -45,6 +45,11 @@ the selectors and ``evaluate`` read them; ``predict`` renames them at the bounda
 :func:`ensemble.oof.member_columns` (to score the members beside the ensemble; times the
 integrity weight where the ensemble's are).
 
+Loading the model (``load_context``) loads every member network, so ``mlflow models serve``
+answers ``/ping`` only once the model is whole: its first request waits for no loading, under
+MLflow's scoring timeout. A process that only segments loads with ``load_ensemble(uri,
+networks=False)``; its networks then load on first use, once however many threads ask at once.
+
 The MLflow model carries this package as its code (``code_paths``) and is saved as "models from
 code" (:mod:`ensemble.serving_model`): no pickle. Models registered earlier pickled an
 ``EnsembleModel`` (as ``ensemble.registry.EnsembleModel``) and still load.
@@ -59,6 +64,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +95,9 @@ DEFAULT_INTEGRITY_LOADER = "ensemble.integrity:load_integrity"
 CONFIG_VERSION = 1
 OUTPUT_COLUMNS = ["image_id", "cell_id", *CELL_COLUMNS, "integrity", "rle", "width", "height"]
 IMAGES_PER_BATCH = 8  # images whose cells the members see together in predict()
+LOAD_NETWORKS = "load_networks"
+"""``model_config`` key of :func:`mlflow.pyfunc.load_model`: False defers loading the member
+networks to their first use (see :func:`load_ensemble`)."""
 
 
 @dataclass(frozen=True)
@@ -176,12 +185,12 @@ class SegmentedImage:
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """The HCPL ensemble as an ``mlflow.pyfunc`` model (see the module docstring for I/O).
 
-    After loading, ``device`` (default: CUDA when available) and ``batch_size`` (cells per
-    forward pass) may be changed before the first prediction; ``timings`` accumulates the seconds
+    After loading, ``device`` (default: CUDA when available; setting it moves the networks) and
+    ``batch_size`` (cells per forward pass) may be changed; ``timings`` accumulates the seconds
     of each stage and ``last_report`` lists the images the last :meth:`predict` skipped.
     ``member_outputs = True`` adds each network's own cell probabilities (:func:`member_columns`).
-    The member networks are loaded on first use, so a process that only segments (a Ray
-    preprocessing actor) never loads them.
+    The member networks are loaded with the model, unless its ``model_config`` sets
+    :data:`LOAD_NETWORKS` to False (a Ray actor that only segments never needs them).
     """
 
     def load_context(self, context) -> None:
@@ -203,12 +212,15 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.integrity = None
         if "integrity" in artifacts:
             self.integrity = load_integrity_hook(config["integrity_loader"], artifacts["integrity"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = 128
         self.member_outputs = False
         self.timings = PredictTimings()
         self.last_report = hpa.BatchReport()
         self._networks: dict[str, list[torch.nn.Module]] | None = None
+        self._loading = threading.Lock()
+        if (context.model_config or {}).get(LOAD_NETWORKS, True):
+            self._networks = self._load_networks()  # here, not in a served request
 
     # --- pyfunc entry point -------------------------------------------------------------------
 
@@ -317,30 +329,58 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         return out
 
     @property
+    def device(self) -> torch.device:
+        """Where the member networks run."""
+        return self._device
+
+    @device.setter
+    def device(self, device: str | torch.device) -> None:
+        with self._loading:
+            self._device = torch.device(device)
+            for networks in (self._networks or {}).values():
+                for network in networks:
+                    network.to(self._device)
+
+    @property
     def networks(self) -> dict[str, list[torch.nn.Module]]:
-        """Member -> its fold networks, in eval mode on ``self.device`` (loaded on first use)."""
-        if self._networks is None:
-            self._networks = {}
-            for name, spec in self.member_specs.items():
-                # The state_dict holds every weight: never let timm download pretrained ones here.
-                bare = dataclasses.replace(spec, pretrained=False, checkpoint_path=None)
-                networks = []
-                for fold in self.member_folds[name]:
-                    network = build_model(bare)
-                    path = self.members_dir / name / f"fold{fold}.pt"
-                    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                    networks.append(network.to(self.device).eval())
-                self._networks[name] = networks
-        return self._networks
+        """Member -> its fold networks, in eval mode on ``self.device``.
+
+        Loaded by ``load_context``, or here on first use when it was told not to: under a lock,
+        so that concurrent first requests load them once.
+        """
+        with self._loading:
+            if self._networks is None:
+                self._networks = self._load_networks()
+            return self._networks
+
+    def _load_networks(self) -> dict[str, list[torch.nn.Module]]:
+        """Every member's fold networks, from the model's artifacts, on ``self.device``."""
+        loaded = {}
+        for name, spec in self.member_specs.items():
+            # The state_dict holds every weight: never let timm download pretrained ones here.
+            bare = dataclasses.replace(spec, pretrained=False, checkpoint_path=None)
+            loaded[name] = []
+            for fold in self.member_folds[name]:
+                network = build_model(bare)
+                path = self.members_dir / name / f"fold{fold}.pt"
+                network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                loaded[name].append(network.to(self._device).eval())
+        return loaded
 
 
-def load_ensemble(model_uri: str) -> EnsembleModel:
+def load_ensemble(model_uri: str, networks: bool = True) -> EnsembleModel:
     """Load a registered (or saved) ensemble and return the :class:`EnsembleModel` itself.
 
-    ``model_uri`` is any MLflow model URI: ``models:/hpa-ensemble@champion``, ``runs:/...``, or a
-    local directory written by :func:`save_ensemble`.
+    Parameters
+    ----------
+    model_uri : str
+        Any MLflow model URI: ``models:/hpa-ensemble@champion``, ``runs:/...``, or a local
+        directory written by :func:`~ensemble.registry.save_ensemble`.
+    networks : bool
+        Load the member networks now (default); False for a process that only segments, which
+        then loads them only if it classifies.
     """
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return mlflow.pyfunc.load_model(model_uri, model_config={LOAD_NETWORKS: networks}).unwrap_python_model()
 
 
 def load_integrity_hook(loader: str, path: str | Path):

@@ -40,7 +40,7 @@ from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.predict import predict_images
 from ensemble.models import build_model
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.registry import MemberCheckpoints, member_checkpoints, register_ensemble
+from ensemble.registry import MemberCheckpoints, member_checkpoints, register_ensemble, save_ensemble
 from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
 from ensemble.selectors import MethodScore, apply_spec, make_synthetic_oof, select_ensemble
 from ensemble.serving_io import SERVING_COLUMNS
@@ -92,19 +92,24 @@ def scored(spec, nested: float):
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on a free port, started at once; :meth:`url` waits until it answers."""
+    """A real ``mlflow server`` on a free port, started at once; :meth:`url` waits until it answers.
+
+    As on a cluster's head: runs and the registry in a database (``folder/server.db``), artifacts
+    served by the server from ``folder/artifacts`` (their URIs are ``mlflow-artifacts:/``). A
+    second server on the same folder serves what the first one recorded.
+    """
 
     def __init__(self, folder: Path):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.log_path = folder / "server.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "a")
         # One web worker and no background job runners (seven more processes by default): a test
         # server needs neither, and on a small machine they make start-up take minutes.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder}/server.db", "--default-artifact-root", str(folder / "artifacts")],
+             "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "artifacts")],
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: workers stop with it
         )
@@ -230,10 +235,10 @@ def test_promotion_compares_scores_with_the_champion(trained, registered, tmp_pa
     client = MlflowClient(trained.uri)
     name = "governed 'ensemble'"  # a quote in the name: the registry's filters must quote it right
 
-    def register(nested, promote="if-better"):
+    def register(nested, promote="if-better", data=None):
         version = register_ensemble(scored(registered.spec, nested), registered.members,
                                     Preprocessing.from_store(trained.store), tracking_uri=trained.uri, name=name,
-                                    experiment="tiny", promote=promote)
+                                    experiment="tiny", promote=promote, data_fingerprint=data)
         return version.version, client.get_model_version_by_alias(name, "champion").version
 
     first, champion = register(0.40)
@@ -248,32 +253,53 @@ def test_promotion_compares_scores_with_the_champion(trained, registered, tmp_pa
     assert champion == forced, "never leaves the champion, however good the new version"
     better, champion = register(0.36)
     assert champion == better and "better than champion" in client.get_model_version(name, better).tags["promotion"]
+    smoke, champion = register(0.99, data="data-4567")  # a smoke run on other data scores high
+    assert champion == better
+    unlike = f"not @champion: no score to compare with champion v{better}; nested not compared (data data-4567 vs data-0123)"
+    assert client.get_model_version(name, smoke).tags[tracking.TAG_PROMOTION] == unlike
 
     table = list_versions(name, trained.uri)
-    assert list(table["version"]) == [int(v) for v in (better, kept, forced, worse, first)]
-    assert list(table["nested"]) == [0.36, 0.90, 0.35, 0.35, 0.40]
+    assert list(table["version"]) == [int(v) for v in (smoke, better, kept, forced, worse, first)]
+    assert list(table["nested"]) == [0.99, 0.36, 0.90, 0.35, 0.35, 0.40]
+    assert list(table["data"][:2]) == ["data-4567", "data-0123"]
     assert table.set_index("version")["aliases"].to_dict()[int(better)] == "champion"
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
     args = parser.parse_args(["models", "--name", name, "--tracking-uri", trained.uri])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "champion" in printed and "0.9000" in printed and "nested" in printed
+    assert "champion" in printed and "0.9000" in printed and "nested" in printed and unlike in printed
+
+
+def scores(nested=None, test=None, test_data=None, zoo="tiny", data="data-0123"):
+    """A version's scores, by default trained on the same zoo and data as the others."""
+    return VersionScores(nested, test, test_data, zoo, data)
 
 
 @pytest.mark.parametrize("new, champion, promoted, reason", [
-    (VersionScores(0.5), None, True, "no champion before"),
-    (VersionScores(0.5), VersionScores(), True, "champion v1 carries no score"),
-    (VersionScores(), VersionScores(0.4), False, "no score to compare with champion v1"),
-    (VersionScores(0.5), VersionScores(0.5), False, "not better than champion v1: nested 0.5000 vs 0.5000"),
+    (scores(0.5), None, True, "no champion before"),
+    (scores(0.5), scores(), True, "champion v1 carries no score"),
+    (scores(), scores(0.4), False, "no score to compare with champion v1"),
+    (scores(0.5), scores(0.5), False, "not better than champion v1: nested 0.5000 vs 0.5000"),
     # Measured on the same test set, the test score counts too: better nested, worse test.
-    (VersionScores(0.5, 0.70, "t1"), VersionScores(0.4, 0.75, "t1"), False,
+    (scores(0.5, 0.70, "t1"), scores(0.4, 0.75, "t1"), False,
      "not better than champion v1: nested 0.5000 vs 0.4000, test 0.7000 vs 0.7500"),
-    (VersionScores(0.5, 0.80, "t1"), VersionScores(0.4, 0.75, "t1"), True,
+    (scores(0.5, 0.80, "t1"), scores(0.4, 0.75, "t1"), True,
      "better than champion v1: nested 0.5000 vs 0.4000, test 0.8000 vs 0.7500"),
     # Test scores of different test sets are not compared.
-    (VersionScores(0.5, 0.70, "t2"), VersionScores(0.4, 0.75, "t1"), True, "better than champion v1: nested 0.5000 vs 0.4000"),
-    (VersionScores(0.4, 0.80, "t1"), VersionScores(None, 0.75, "t1"), True, "better than champion v1: test 0.8000 vs 0.7500"),
+    (scores(0.5, 0.70, "t2"), scores(0.4, 0.75, "t1"), True,
+     "better than champion v1: nested 0.5000 vs 0.4000; test not compared (test data t2 vs t1)"),
+    (scores(0.4, 0.80, "t1"), scores(None, 0.75, "t1"), True, "better than champion v1: test 0.8000 vs 0.7500"),
+    # Nested scores of other training data or another zoo are not compared: a smoke run's high
+    # score on a small dataset cannot keep or take champion.
+    (scores(0.5, data="data-4567"), scores(0.9), False,
+     "no score to compare with champion v1; nested not compared (data data-4567 vs data-0123)"),
+    (scores(0.9, zoo="quick"), scores(0.5, zoo="hcpl"), False,
+     "no score to compare with champion v1; nested not compared (zoo quick vs hcpl)"),
+    (scores(0.5, zoo=None, data=None), scores(0.4), False,
+     "no score to compare with champion v1; nested not compared (zoo not recorded, data not recorded)"),
+    (scores(0.3, 0.80, "t1", data="data-4567"), scores(0.5, 0.75, "t1"), True,
+     "better than champion v1: test 0.8000 vs 0.7500; nested not compared (data data-4567 vs data-0123)"),
 ])
 def test_if_better_compares_the_scores_both_versions_carry(new, champion, promoted, reason):
     assert CLI_PROMOTE == PROMOTE
@@ -307,6 +333,46 @@ def test_evaluate_logs_its_scores_against_the_version(trained, registered, new_i
     assert any(name.startswith("competition_ap/") for name in metrics)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/preds_per_class_ap.png", "evaluation/per_class_ap.csv", "evaluation/report.txt"} <= logged
+
+
+def test_segmenter_weights_travel_with_the_model_from_a_bucket(tmp_path, monkeypatch):
+    """hpacellseg's weight files, one in a bucket and one on disk, are packed into the model, and
+    hpacellseg is among its requirements: a server needs nothing but the registry."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # one cached for another server would be handed back
+    try:
+        nuclei, cells = os.urandom(3000), tmp_path / "dpn_unet_cell_3ch_v1.pth"
+        cells.write_bytes(os.urandom(2000))
+        boto3.client("s3").create_bucket(Bucket="weights")
+        boto3.client("s3").put_object(Bucket="weights", Key="hpa/dpn_unet_nuclei_v1.pth", Body=nuclei)
+        settings = {"nuclei_model_path": "s3://weights/hpa/dpn_unet_nuclei_v1.pth", "cell_model_path": str(cells),
+                    "scale_factor": 0.25, "device": "cpu"}
+        model = save_ensemble(tmp_path / "model", tiny_spec(), tiny_members(tmp_path / "members", n_folds=1),
+                              Preprocessing({"name": "hpacellseg", "settings": settings}, cell_size=32))
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    config = json.loads(next(model.rglob("config.json")).read_text())
+    assert config["segmenter_files"] == {"nuclei_model_path": "dpn_unet_nuclei_v1.pth",
+                                         "cell_model_path": "dpn_unet_cell_3ch_v1.pth"}
+    packed = next(model.rglob("dpn_unet_nuclei_v1.pth")).parent
+    assert (packed / "dpn_unet_nuclei_v1.pth").read_bytes() == nuclei
+    assert (packed / "dpn_unet_cell_3ch_v1.pth").read_bytes() == cells.read_bytes()
+    requirements = (model / "requirements.txt").read_text().splitlines()
+    assert {"pytorch_zoo", "hpacellseg @ https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/master.zip"} \
+        <= set(requirements)
+    assert any(line.startswith("torch==") for line in requirements)
 
 
 def test_registration_refuses_incomplete_ensembles(trained, registered):
@@ -431,3 +497,68 @@ def test_cli_registers_from_an_experiment(trained, tmp_path, capsys):
     assert args.func(args) == 0
     assert "registered cli-ensemble version 1: @champion: no champion before" in capsys.readouterr().out
     assert int(MlflowClient(trained.uri).get_model_version_by_alias("cli-ensemble", "champion").version) == 1
+
+
+@pytest.fixture(scope="module")
+def in_bucket(s3_bucket, new_images, tmp_path_factory) -> SimpleNamespace:
+    """Inputs of every CLI command that takes a path, in the S3 bucket: the new images (with truth),
+    an ID list and a given mask of one of them, a spec, predictions that are the truth itself, and
+    a dataset as Kaggle gives it (no truth)."""
+    from ensemble.data.hpa import read_truth
+    from ensemble.predict import write_predictions
+    from ensemble.storage import filesystem, write_bytes
+    from ensemble.submission import encode_cells
+
+    fs, _ = filesystem(s3_bucket)
+    fs.put(f"{new_images.root}/", f"{s3_bucket}/new/", recursive=True)
+    kaggle = tmp_path_factory.mktemp("kaggle")
+    simulate(kaggle, n_images=2, seed=5, size=128, truth=False)
+    fs.put(f"{kaggle}/", f"{s3_bucket}/kaggle/", recursive=True)
+    first = new_images.good[0]
+    fs.put(str(new_images.root / "truth" / "masks" / f"{first}.png"), f"{s3_bucket}/masks/{first}.png")
+    write_bytes(f"{first}\n".encode(), f"{s3_bucket}/ids.txt")
+    tiny_spec().to_json(f"{s3_bucket}/spec.json")
+    truth = read_truth(new_images.root)
+    cells, images = [], []
+    for image_id in truth.image_ids:
+        mask = truth.mask(image_id)
+        ids, labels = truth.cell_labels(image_id)
+        cells.append(pd.DataFrame(labels, columns=CELL_COLUMNS).assign(
+            image_id=image_id, cell_id=ids, rle=encode_cells(mask, ids), height=mask.shape[0], width=mask.shape[1]))
+        images.append((image_id, mask.shape[1], mask.shape[0]))
+    perfect = SimpleNamespace(cells=pd.concat(cells, ignore_index=True),
+                              images=pd.DataFrame(images, columns=["image_id", "width", "height"]))
+    for suffix in ("parquet", "csv"):
+        write_predictions(perfect, f"{s3_bucket}/perfect.{suffix}")
+    given = np.unique(np.asarray(Image.open(new_images.root / "truth" / "masks" / f"{first}.png")))
+    return SimpleNamespace(url=s3_bucket, fs=fs, n_given=int((given > 0).sum()))
+
+
+@pytest.mark.parametrize("command", ["register", "predict", "submission", "evaluate", "evaluate-csv", "check"])
+def test_every_path_the_cli_takes_may_be_a_url(command, in_bucket, trained, registered, tmp_path, monkeypatch,
+                                               capsys):
+    """Each command reads its inputs from, and writes its outputs to, the bucket, and nothing here
+    (a URL taken for a local path would make a folder named ``s3:``)."""
+    from ensemble.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    b = in_bucket.url
+    predict = ["predict", f"{b}/new", "--model", CHAMPION, "--tracking-uri", trained.uri, "--engine", "local",
+               "--ids", f"{b}/ids.txt", "--masks", f"{b}/masks"]
+    argv, said, written = {
+        "register": (["register", "--experiment", "tiny", "--spec", f"{b}/spec.json", "--name", "url-ensemble",
+                      "--tracking-uri", trained.uri], "registered url-ensemble version 1", None),
+        "predict": ([*predict, "--out", f"{b}/preds.parquet"], f"1 images, {in_bucket.n_given} cells",
+                    f"{b}/preds.parquet"),
+        "submission": ([*predict, "--out", f"{b}/submission.csv"], "1 images", f"{b}/submission.csv"),
+        "evaluate": (["evaluate", f"{b}/perfect.parquet", f"{b}/new"], "cell mAP 1.0000",
+                     f"{b}/perfect_per_class_ap.png"),
+        "evaluate-csv": (["evaluate", f"{b}/perfect.csv", f"{b}/new", "--plot", f"{b}/plots/ap.png"],
+                         "cell mAP 1.0000", f"{b}/plots/ap.png"),
+        "check": (["check", "--zoo", "quick", "--no-build", "--data", f"{b}/kaggle", "--workdir", f"{b}/runs",
+                   "--tracking-uri", trained.uri], f"{b}/kaggle has no cell truth", None),
+    }[command]
+    assert main(argv) == 0
+    assert said in capsys.readouterr().out
+    assert written is None or in_bucket.fs.exists(written)
+    assert list(tmp_path.iterdir()) == []
