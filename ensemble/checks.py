@@ -40,11 +40,15 @@ class Plan:
         Model -> the search space file its sweep would search (empty without a sweep).
     cluster : str
         What the cluster check found ("" when no launcher config was given).
+    notes : list of str
+        What the run will do differently from the zoo's word, and why (the dataset has no cell
+        truth, the VID is off): said once, before anything starts.
     """
 
     zoo: Zoo
     spaces: dict[str, str] = field(default_factory=dict)
     cluster: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def jobs(self) -> pd.DataFrame:
         """One row per model: what it is, where each of its jobs runs, and how many jobs it has."""
@@ -73,6 +77,7 @@ class Plan:
             lines.append(f"VID after selection: capture CNN {zoo.integrity.backbone}, {zoo.integrity.cv_splits} splits")
         if self.cluster:
             lines.append(self.cluster)
+        lines += self.notes
         lines.append("all checks passed; nothing was started")
         return "\n".join(lines)
 
@@ -217,10 +222,107 @@ def check_data(data: str) -> None:
         raise FileNotFoundError(f"no dataset at {data}: expected train.csv and train/{{ID}}_{{red,green,blue,yellow}}.png")
 
 
+INTEGRITY_MODES = ("on", "off", "auto")
+"""``--integrity``: fit the VID, do not, or fit it when the zoo enables it and cell labels exist."""
+
+GOOD_COLUMNS = ("image_id", "cell_id", "good")
+"""The columns of the VID's hand labels (``integrity.labels_csv``)."""
+
+
+def has_truth(data: str | None) -> bool:
+    """Whether the dataset ``data`` has cell truth (``truth/cell_labels.csv``); None, a simulated one, has."""
+    from ensemble.storage import exists, join
+
+    return data is None or exists(join(data, "truth", "cell_labels.csv"))
+
+
+def truth_note(data: str) -> str:
+    """What a run on ``data`` without cell truth (Kaggle's data) cannot do, in one line."""
+    return (f"{data} has no cell truth (truth/cell_labels.csv), as Kaggle's data: cells are scored against "
+            "their image labels (a rough guide), fusion takes the paper's rule, CRA label quality is not "
+            "measured, `ensemble evaluate` cannot score, and the VID needs integrity.labels_csv")
+
+
+def check_good_csv(uri: str, where: str) -> None:
+    """Raise FileNotFoundError or ValueError unless ``uri`` is a CSV with the VID's label columns.
+
+    Only its header is read: the labels meet the cells only once the store is built.
+    """
+    from ensemble.storage import open_file
+
+    check_data_file(uri, where)
+    with open_file(uri, "rt") as handle:
+        header = [name.strip() for name in handle.readline().split(",")]
+    missing = [name for name in GOOD_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"{where}: {uri} needs the columns {','.join(GOOD_COLUMNS)}; its header lacks {missing}")
+
+
+def resolve_integrity(zoo: Zoo, data: str | None, mode: str = "auto") -> tuple[Zoo, str | None]:
+    """The zoo with the VID on or off as ``mode`` and the dataset's labels decide, and a line saying why.
+
+    The VID learns from good and bad cells: ``integrity.labels_csv`` (checked here, its header
+    only), else the cell truth of ``data`` (``truth/cell_labels.csv``; a simulated dataset, ``data``
+    None, has it). Nothing else of the dataset is read, so this runs before ``prepare``.
+
+    Parameters
+    ----------
+    zoo : Zoo
+    data : str or None
+        The dataset root or URL; None when train-all simulates one.
+    mode : {"on", "off", "auto"}
+        ``on`` fits the VID even where the zoo does not enable it, and fails without labels;
+        ``off`` never fits it; ``auto`` fits it when the zoo enables it and labels exist.
+
+    Returns
+    -------
+    zoo : Zoo
+        ``zoo.integrity.enabled`` set to what the run will do.
+    note : str or None
+        Why the VID is off where the zoo or ``mode`` asked for it, or which labels it learns from
+        (None when nothing asked for it).
+
+    Raises
+    ------
+    ValueError
+        ``mode`` is ``on`` and there are no labels (the message names the fix), or ``mode`` is unknown.
+    FileNotFoundError
+        ``integrity.labels_csv`` does not exist.
+    """
+    if mode not in INTEGRITY_MODES:
+        raise ValueError(f"--integrity must be one of {', '.join(INTEGRITY_MODES)}, got {mode!r}")
+    wanted = mode == "on" or (mode == "auto" and zoo.integrity.enabled)
+    labels_csv = zoo.integrity.labels_csv
+    if wanted and labels_csv is not None:
+        check_good_csv(labels_csv, f"{zoo.source or zoo.name}: integrity.labels_csv")
+    source = None
+    if wanted:
+        source = labels_csv or ("the cell truth" if has_truth(data) else None)
+    if wanted and source is None:
+        fix = (f"give integrity.labels_csv ({','.join(GOOD_COLUMNS)}: hand labels of some cells) in "
+               f"{zoo.source or 'the zoo'}")
+        if mode == "on":
+            raise ValueError(f"--integrity on: the VID learns from good and bad cells and {data} has no cell truth "
+                             f"(truth/cell_labels.csv): {fix}, or run with --integrity off")
+        note = f"VID off: zoo {zoo.name} enables it but {data} has no cell truth; {fix}, or --integrity off to say so"
+    elif wanted:
+        note = f"VID on: it learns good and bad cells from {source}"
+    else:
+        note = "VID off (--integrity off)" if mode == "off" and zoo.integrity.enabled else None
+    enabled = wanted and source is not None
+    return dataclasses.replace(zoo, integrity=dataclasses.replace(zoo.integrity, enabled=enabled)), note
+
+
+def data_notes(zoo: Zoo, data: str | None, integrity: str = "auto") -> tuple[Zoo, list[str]]:
+    """:func:`resolve_integrity`, and the lines a run on ``data`` says once before anything starts."""
+    zoo, note = resolve_integrity(zoo, data, integrity)
+    return zoo, [line for line in (None if has_truth(data) else truth_note(data), note) if line]
+
+
 def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, data: str | None = None,
                    workdir: str | None = None, tracking_uri: str | None = None, cluster_config: str | None = None,
                    segmenter: str = "classical", segmenter_settings: dict | None = None,
-                   build: bool = True) -> Plan:
+                   build: bool = True, integrity: str = "auto") -> Plan:
     """Check everything a training command depends on that can be checked without Ray.
 
     Parameters
@@ -239,6 +341,8 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
         The segmenter, and the settings it is given (their names; hpacellseg's weight files).
     build : bool
         Also build and run every model once (:func:`preflight_zoo`).
+    integrity : {"on", "off", "auto"}
+        Whether the VID is fitted (:func:`resolve_integrity`); the plan's zoo says what was decided.
 
     Returns
     -------
@@ -248,15 +352,15 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
     ------
     SpecError, ValueError, FileNotFoundError, ensemble.tracking.TrackingError
     """
+    # The dataset first: it costs a file listing, and the models' builds below take seconds.
+    if data is not None:
+        check_data(data)
+    zoo, notes = data_notes(zoo, data, integrity)
+    check_segmenter(segmenter, segmenter_settings or {})
     check_zoo(zoo)
     spaces = check_spaces(zoo, space) if sweep or space else {}
     if build:
         preflight_zoo(zoo)
-    check_segmenter(segmenter, segmenter_settings or {})
-    if data is not None:
-        check_data(data)
-    if zoo.integrity.enabled and zoo.integrity.labels_csv is not None:
-        check_data_file(zoo.integrity.labels_csv, f"{zoo.source}: integrity.labels_csv")
     from ensemble import tracking  # MLflow costs seconds to import: after the checks that need none
 
     cluster = ""
@@ -272,10 +376,11 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
         check_shared(shape, uri, workdir or "runs")
         cluster = f"cluster ({cluster_config}): every job fits a node type ({shape.describe()})"
     tracking.check_reachable(uri)  # a SQLite file is not created by a check: the first run creates it
-    return Plan(zoo=zoo, spaces=spaces, cluster=cluster)
+    return Plan(zoo=zoo, spaces=spaces, cluster=cluster, notes=notes)
 
 
 def check_data_file(uri: str, where: str) -> None:
+    """Raise FileNotFoundError, naming ``where`` it was given, unless ``uri`` exists."""
     from ensemble.storage import exists
 
     if not exists(uri):

@@ -49,27 +49,37 @@ def _settings(pairs: list[str] | None) -> dict[str, str]:
     return settings
 
 
+# What --kaggle changes: the competition's images are 16-bit, mostly 2048 px.
+KAGGLE_PX, KAGGLE_BITS = 2048, 16
+
+
 def cmd_simulate(args) -> int:
     from ensemble.data.synthetic import simulate
     from ensemble.plots import contact_sheet
 
-    result = simulate(args.out, n_images=args.images, seed=args.seed, size=args.image_px, difficulty=args.difficulty,
-                      bit_depth=args.bit_depth, rare_oversample=args.rare_oversample, split=args.split,
-                      min_captured=args.min_captured)
-    sheet = contact_sheet(args.out, Path(args.out) / "contact_sheet.png", split=args.split)
-    print(f"simulated {len(result.image_ids)} images, {result.n_cells} cells in the truth, in {result.seconds:.1f} s"
-          f" -> {args.out}")
-    print(f"contact sheet: {sheet}")
+    size = args.image_px or (KAGGLE_PX if args.kaggle else 512)
+    bits = args.bit_depth or (KAGGLE_BITS if args.kaggle else 8)
+    result = simulate(args.out, n_images=args.images, seed=args.seed, size=size, difficulty=args.difficulty,
+                      bit_depth=bits, rare_oversample=args.rare_oversample, split=args.split,
+                      min_captured=args.min_captured, truth=not args.kaggle)
+    print(f"simulated {len(result.image_ids)} images of {size} px ({bits}-bit) in {result.seconds:.1f} s -> {args.out}")
+    if args.kaggle:  # a contact sheet would be one more file than the competition gives
+        print(f"as Kaggle gives it: {args.split}.csv and {args.split}/ only, no truth/ (cells cannot be scored)")
+        return 0
+    print(f"{result.n_cells} cells in the truth; contact sheet: "
+          f"{contact_sheet(args.out, Path(args.out) / 'contact_sheet.png', split=args.split)}")
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from ensemble.checks import check_data, check_segmenter
+    from ensemble.checks import check_data, check_segmenter, has_truth, truth_note
     from ensemble.data.store_build import prepare
 
     settings = _settings(args.segmenter_setting)
     check_data(_absolute(args.data))
     check_segmenter(args.segmenter, settings)
+    if not has_truth(_absolute(args.data)):
+        warnings.warn(truth_note(args.data), stacklevel=1)
     # prepare() attaches to Ray itself, only once it has images to segment: a dataset without
     # images or a store of other settings is said before Ray starts.
     report = prepare(_absolute(args.data), _absolute(args.out), cell_size=args.cell_size, n_folds=args.folds,
@@ -84,7 +94,7 @@ def _zoo(args):
     from ensemble.zoo import load_zoo, zoo_with
 
     return zoo_with(load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None),
-                    relabel_rounds=args.relabel_rounds, integrity=args.integrity)
+                    relabel_rounds=args.relabel_rounds)
 
 
 def _plan(args, zoo, *, sweep: bool, space: str | None = None, build: bool = True):
@@ -94,7 +104,8 @@ def _plan(args, zoo, *, sweep: bool, space: str | None = None, build: bool = Tru
     return check_training(zoo, sweep=sweep, space=space, data=_absolute(args.data) if args.data else None,
                           workdir=_absolute(args.workdir), tracking_uri=args.tracking_uri,
                           cluster_config=args.cluster_config, segmenter=args.segmenter,
-                          segmenter_settings=_settings(args.segmenter_setting), build=build)
+                          segmenter_settings=_settings(args.segmenter_setting), build=build,
+                          integrity=args.integrity)
 
 
 def cmd_check(args) -> int:
@@ -117,7 +128,8 @@ def cmd_train_all(args) -> int:
         result = train_all(zoo, data=_absolute(data), workdir=_absolute(args.workdir), experiment=args.experiment,
                            tracking_uri=args.tracking_uri, sweep=args.sweep, sweep_samples=args.sweep_samples,
                            max_concurrent=args.max_concurrent, segmenter=args.segmenter,
-                           segmenter_settings=_settings(args.segmenter_setting), cluster_config=args.cluster_config)
+                           segmenter_settings=_settings(args.segmenter_setting), cluster_config=args.cluster_config,
+                           integrity=args.integrity)
     except JobsFailedError as error:
         print(f"ensemble train-all: {error}", file=sys.stderr)  # its own lines: one per failed job
         return 1
@@ -160,7 +172,8 @@ def cmd_select(args) -> int:
     oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, uri)
     experiment = args.experiment or "select"
     options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
-               "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds, "strict": args.strict}
+               "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds, "strict": args.strict,
+               "objective": args.objective}
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
@@ -195,6 +208,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ensemble.checks.INTEGRITY_MODES, spelled out: importing it would load pandas for every command.
+INTEGRITY_MODES = ("on", "off", "auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemble", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,9 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-px", type=int, default=512, help="image side in pixels")
+    p.add_argument("--kaggle", action="store_true",
+                   help=f"write only what the Kaggle competition gives: SPLIT.csv and {KAGGLE_BITS}-bit PNGs of "
+                        f"{KAGGLE_PX} px (unless --image-px, --bit-depth), no truth/")
+    p.add_argument("--image-px", type=_at_least(64), default=None,
+                   help=f"image side in pixels (default 512; {KAGGLE_PX} with --kaggle)")
     p.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="medium")
-    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8)
+    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=None,
+                   help=f"default 8; {KAGGLE_BITS} with --kaggle")
     p.add_argument("--rare-oversample", type=float, default=1.0, help="boost rare classes (1 = real rates)")
     p.add_argument("--split", default="train")
     p.add_argument("--min-captured", type=float, default=0.5,
@@ -249,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
         p.add_argument("--relabel-rounds", type=_at_least(0), default=None,
                        help="CRA rounds (default: the zoo's relabel.rounds)")
-        p.add_argument("--integrity", action="store_true", help="fit the VID even if the zoo does not enable it")
+        p.add_argument("--integrity", choices=INTEGRITY_MODES, default="auto",
+                       help="fit the VID: on (even if the zoo does not enable it; fails without cell labels), off, "
+                            "or auto: when the zoo enables it and the data has cell truth or the zoo "
+                            "integrity.labels_csv (default)")
         segmenter_options(p)
         p.add_argument("--cluster-config", default=None,
                        help="the Ray launcher config (default: ~/ray_bootstrap_config.yaml on a `ray up` head)")
@@ -300,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a block mix DSA and cell-level models (default: blocks are found within each kind)")
     p.add_argument("--no-prune", action="store_true", help="keep one member from every block, as the paper does")
     p.add_argument("--fusion", choices=["fit", "paper", "off"], default=None)
+    p.add_argument("--objective", choices=["competition", "cell"], default="competition",
+                   help="what every choice maximises: the OOF estimate of the competition's metric (each class "
+                        "ranked within the images that carry it) or cell mAP over all cells")
     p.add_argument("--no-nested", action="store_true", help="skip the out-of-sample (nested) scores")
     p.add_argument("--strict", action="store_true",
                    help="fail, rather than warn, when the OOF tables miss cells of the store")

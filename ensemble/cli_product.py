@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ensemble.labels import CHANNELS
 
@@ -60,10 +59,11 @@ def cmd_predict(args) -> int:
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     from ensemble import tracking
+    from ensemble.storage import read_bytes
 
     tracking.check_model_uri(args.model, args.tracking_uri)  # one line, before Ray; creates no database
     root, split = image_root(args.images, args.split)
-    ids = Path(args.ids).read_text().split() if args.ids else None
+    ids = read_bytes(args.ids).decode().split() if args.ids else None
     result = predict_images(args.model, root, ids, split=split, out=args.out, engine=args.engine,
                             batch_size=args.batch_size, num_workers=args.workers, members=args.members,
                             device=args.device, masks=args.masks)

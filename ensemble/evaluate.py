@@ -19,6 +19,7 @@ number of images beyond those few numbers per cell (BENCHMARKS.md, "Evaluation t
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ensemble.data import hpa
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.metrics import CellScores, CompetitionScores, MapResult
 from ensemble.oof import CELL_COLUMNS, member_columns
+from ensemble.storage import beside, is_local, open_file, read_parquet, write_bytes
 from ensemble.submission import cell_rles, iter_submission, text_rle
 
 COUNTS = ("counts: cell mAP ranks every predicted cell for all 19 classes, labelled by the true cell it "
@@ -67,8 +69,8 @@ class EvaluationResult:
         Share of those predicted cells matched to a true cell.
     n_unknown : int
         Predicted images that are not in the truth (not scored).
-    plot : Path or None
-        The per-class bar plot.
+    plot : Path, str or None
+        The per-class bar plot (a URL where it was written to one).
     """
 
     cell: MapResult
@@ -79,7 +81,7 @@ class EvaluationResult:
     n_cells: int
     matched: float
     n_unknown: int = 0
-    plot: Path | None = None
+    plot: Path | str | None = None
 
     def report(self) -> str:
         lines = [f"{self.n_images} images with truth, {self.n_missed} of them without any predicted cell "
@@ -125,14 +127,14 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     Parameters
     ----------
     predictions : str or Path
-        Output of ``ensemble predict``.
+        Output of ``ensemble predict`` (a path or URL, as every path here).
     data_root : str or Path
         Dataset with ``truth/masks/{ID}.png`` and ``truth/cell_labels.csv``.
     iou : float
         Mask IoU at which a predicted cell matches a true one.
     plot : str or Path, optional
         Where to write the per-class bar plot; default ``{predictions stem}_per_class_ap.png``
-        beside the predictions.
+        beside the predictions (in their bucket, for a URL).
     member : str, optional
         Score this member network's own probabilities (written by ``predict_images(...,
         members=True)``; :func:`prediction_members` lists them) instead of the ensemble's.
@@ -157,8 +159,9 @@ def evaluate(predictions: str | Path, data_root: str | Path, *, iou: float = 0.6
     cell_result, competition_result = cell.result(), competition.result()
     per_class = pd.DataFrame({"cell_ap": cell_result.per_class, "competition_ap": competition_result.per_class},
                              index=list(CLASS_NAMES)).assign(true_cells=competition.n_truth.astype(int))
-    path = Path(plot) if plot is not None else Path(predictions).with_name(f"{Path(predictions).stem}_per_class_ap.png")
-    plot_per_class(per_class, path, title=f"cell mAP {cell_result.map:.3f}, competition mAP {competition_result.map:.3f}")
+    path = plot if plot is not None else beside(predictions, f"{Path(predictions).stem}_per_class_ap.png")
+    path = plot_per_class(per_class, path,
+                          title=f"cell mAP {cell_result.map:.3f}, competition mAP {competition_result.map:.3f}")
     return EvaluationResult(cell_result, competition_result, per_class, n_images, n_missed, n_cells,
                             matched / max(n_cells, 1), unknown, path)
 
@@ -270,7 +273,8 @@ def compare(predictions: str | Path, data_root: str | Path, baseline: str, *, ca
 def _truth(data_root: str | Path) -> hpa.Truth:
     truth = hpa.read_truth(data_root)
     if truth is None:
-        raise ValueError(f"{data_root} has no ground truth (truth/cell_labels.csv)")
+        raise ValueError(f"{data_root} has no ground truth (truth/cell_labels.csv): predictions are scored against "
+                         "true cells, which Kaggle's data lacks; give a hand-labelled subset in that layout")
     return truth
 
 
@@ -344,7 +348,10 @@ def rle_iou(image: PredictedImage, true_mask: np.ndarray, true_ids: np.ndarray) 
 
 def prediction_members(path: str | Path) -> list[str]:
     """The member networks whose own probabilities a ``preds.parquet`` holds (``members=True``)."""
-    names = pq.read_schema(path).names if Path(path).suffix == ".parquet" else []  # no data read
+    if Path(path).suffix != ".parquet":
+        return []
+    with open_file(path) as handle:  # the footer only: no data read
+        names = pq.read_schema(handle).names
     return [c[: -len(".cell_0")] for c in names if c.endswith(".cell_0")]
 
 
@@ -363,7 +370,7 @@ def iter_predictions(path: str | Path, columns: list[str] = CELL_COLUMNS) -> Ite
             scores = np.array(list(rows.values())).reshape(-1, NUM_CLASSES)
             yield PredictedImage(image_id, height, width, list(rows), scores)
         return
-    table = pd.read_parquet(path)  # a few numbers and an RLE text per cell: small beside one mask
+    table = read_parquet(path)  # a few numbers and an RLE text per cell: small beside one mask
     absent = [c for c in columns if c not in table.columns]
     if absent:
         raise ValueError(f"{path}: no column(s) {absent[:3]}{'...' if len(absent) > 3 else ''}")
@@ -374,9 +381,8 @@ def iter_predictions(path: str | Path, columns: list[str] = CELL_COLUMNS) -> Ite
                              table["rle"].to_numpy()[rows].tolist(), scores[rows])
 
 
-def plot_per_class(per_class: pd.DataFrame, out_png: str | Path, title: str = "") -> Path:
-    """Bar plot of the per-class APs (cell and competition) of :func:`evaluate`; returns its path."""
-    out_png = Path(out_png)
+def plot_per_class(per_class: pd.DataFrame, out_png: str | Path, title: str = "") -> Path | str:
+    """Bar plot of the per-class APs (cell and competition) of :func:`evaluate`; returns its path (or URL)."""
     fig = Figure(figsize=(11, 4.5), dpi=100)
     ax = fig.subplots()
     x = np.arange(len(per_class))
@@ -387,6 +393,7 @@ def plot_per_class(per_class: pd.DataFrame, out_png: str | Path, title: str = ""
     ax.set(ylabel="average precision", ylim=(0, 1), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    return out_png
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_bytes(buffer.getvalue(), str(out_png))
+    return Path(out_png) if is_local(out_png) else str(out_png)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble import tracking
+from ensemble.checks import data_notes
 from ensemble.cluster import check_jobs_fit, check_shared, cluster_shape, default_concurrency
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.data.store_build import PrepareReport, prepare
@@ -240,17 +241,24 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
               tracking_uri: str | None = None, overrides: dict | None = None, sweep: bool = False,
               sweep_samples: int = 8, progress: bool = True, max_concurrent: int | None = None,
               segmenter: str = "classical", segmenter_settings: dict | None = None,
-              cluster_config: str | None = None, select: bool = True, register: bool = True) -> PipelineResult:
+              cluster_config: str | None = None, select: bool = True, register: bool = True,
+              integrity: str = "auto") -> PipelineResult:
     """Prepare the store of ``data``, optionally sweep, train every model of ``zoo`` on every fold,
     select the ensemble on the OOF predictions and register it (``models:/hpa-ensemble@champion``).
 
-    Before anything starts, the cluster is checked (:mod:`ensemble.cluster`): every job fits some
-    node type, and on several nodes the tracking URI and ``workdir`` reach them all.
+    Before anything starts, the VID's labels are looked for (``integrity``: on, off, or auto: when
+    the zoo enables it and the dataset has cell truth or the zoo ``integrity.labels_csv``;
+    :func:`ensemble.checks.resolve_integrity`) and what the run cannot do on ``data`` (no cell truth:
+    Kaggle's data) is warned once; the cluster is checked (:mod:`ensemble.cluster`): every job fits
+    some node type, and on several nodes the tracking URI and ``workdir`` reach them all.
     ``max_concurrent`` jobs are handed to Ray at once (default: every job on an autoscaling
     cluster, what the nodes hold on a fixed one). ``segmenter`` and its settings cut the cells
     (``hpacellseg`` with its two weight files as URLs, on real HPA data).
     """
     zoo = load_zoo(zoo, overrides) if not isinstance(zoo, Zoo) else zoo
+    zoo, notes = data_notes(zoo, data, integrity)  # before prepare, which takes hours on real data
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     shape = cluster_shape(cluster_config)
     check_jobs_fit(zoo, shape)
     check_shared(shape, tracking.tracking_uri(tracking_uri), workdir)
@@ -258,11 +266,6 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
                      segmenter_settings=segmenter_settings, progress=progress)
     # The store's fold count is the zoo's: prepare refuses a store built with another.
     max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * zoo.n_folds)
-    if zoo.integrity.enabled and zoo.integrity.labels_csv is None and \
-            "truth" not in CellStore(store_uri(workdir)).label_versions():
-        # Said now, not after hours of training: the VID learns from good/bad cells.
-        raise ValueError(f"zoo {zoo.name!r} enables the VID (integrity.enabled) but {data} has no cell truth: "
-                         "give integrity.labels_csv (image_id,cell_id,good) or set integrity.enabled: false")
     sweeps = {}
     if sweep:
         for spec in zoo.models:

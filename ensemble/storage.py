@@ -66,6 +66,12 @@ def name(uri: str | Path) -> str:
     return posixpath.basename(str(uri).rstrip("/"))
 
 
+def beside(uri: str | Path, filename: str) -> str:
+    """The path or URL of ``filename`` in the folder of ``uri`` (``s3://b/x/preds.parquet`` -> ``s3://b/x/{filename}``)."""
+    folder, slash, _ = str(uri).rpartition("/")
+    return f"{folder}{slash}{filename}"
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI or path with ``/``."""
     return "/".join([str(uri).rstrip("/"), *(str(p).strip("/") for p in parts)])

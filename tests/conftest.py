@@ -57,3 +57,38 @@ def tiny_zoo_file(tmp_path_factory) -> Path:
         "  - {name: cla_tiny, head: cla, backbone: test_efficientnet}\n"
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """An S3-protocol server (moto) on 127.0.0.1 with one empty bucket, for one test module.
+
+    Yields the bucket's URL, ``s3://bucket``. This process reaches it through the ``AWS_*``
+    variables (s3fs reads them), restored afterwards.
+    """
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    # fsspec caches filesystems by their arguments, not the environment: one made for another
+    # module's server (now stopped) would be handed back.
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("bucket")
+    yield "s3://bucket"
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value

@@ -169,6 +169,43 @@ def test_dry_run_lists_the_jobs_and_starts_nothing(tmp_path, capsys, zoo_file, m
     assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["zoo.yaml"]
 
 
+@pytest.fixture(scope="module")
+def kaggle_data(tmp_path_factory) -> Path:
+    """A dataset as Kaggle gives it: images and image labels, no cell truth."""
+    from ensemble.data.synthetic import simulate
+
+    root = tmp_path_factory.mktemp("kaggle")
+    simulate(root, n_images=1, seed=0, size=96, truth=False)
+    return root
+
+
+@pytest.mark.parametrize("integrity, labels, code, expected", [
+    ("auto", None, 0, "VID off: zoo tiny enables it but {data} has no cell truth; give integrity.labels_csv"),
+    ("off", None, 0, "VID off (--integrity off)"),
+    ("on", None, 2, "--integrity on: the VID learns from good and bad cells and {data} has no cell truth "
+                    "(truth/cell_labels.csv): give integrity.labels_csv"),
+    ("on", "image_id,cell_id,good\n", 0, "VID on: it learns good and bad cells from {labels}"),
+    ("auto", "image_id,cell,good\n", 2, "{zoo}: integrity.labels_csv: {labels} needs the columns "
+                                         "image_id,cell_id,good; its header lacks ['cell_id']"),
+])
+def test_the_vid_finds_its_labels_before_any_image_is_read(tmp_path, capsys, zoo_file, kaggle_data, integrity, labels,
+                                                           code, expected):
+    """On data without cell truth the VID is off with the fix said, or refused when asked for; no
+    dry run: the failures come before prepare (no workdir, no Ray)."""
+    vid = "integrity: {enabled: true}\n"
+    if labels is not None:
+        (tmp_path / "good.csv").write_text(labels)
+        vid = f"integrity: {{enabled: true, labels_csv: {tmp_path / 'good.csv'}}}\n"
+    zoo = zoo_file(TINY_ZOO.replace("models:", vid + "models:"))
+    argv = ["train-all", "--zoo", zoo, "--data", kaggle_data, "--integrity", integrity, "--workdir", tmp_path / "work"]
+    said, out, err = run(capsys, *argv, *(["--dry-run"] if code == 0 else []))
+    expected = expected.format(data=kaggle_data, labels=tmp_path / "good.csv", zoo=zoo)
+    assert said == code and expected in (out if code == 0 else one_line(err)), (out, err)
+    if code == 0:
+        assert f"{kaggle_data} has no cell truth (truth/cell_labels.csv), as Kaggle's data" in out
+    assert not ray.is_initialized() and not (tmp_path / "work").exists()
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--segmenter-setting", "sigma=2"], "--segmenter-setting: ClassicalSettings.__init__() got an unexpected"),
     (["--data", "/no/such/dataset"], "no dataset at /no/such/dataset"),

@@ -83,6 +83,21 @@ def test_16_bit_images_hold_the_same_picture(tmp_path):
     assert np.abs(low - high).max() <= 0.5 / 255 + 1e-6
 
 
+def test_kaggle_mode_writes_only_what_the_competition_gives(tmp_path, capsys):
+    """16-bit channel PNGs and train.csv, nothing else: the same images as with truth, without it."""
+    from ensemble.cli import main
+
+    assert main(["simulate", str(tmp_path / "kaggle"), "--kaggle", "--images", "2", "--seed", "3",
+                 "--image-px", "128"]) == 0
+    assert "no truth/" in capsys.readouterr().out
+    simulate(tmp_path / "full", n_images=2, seed=3, size=128, bit_depth=16)
+    files = sorted(str(p.relative_to(tmp_path / "kaggle")) for p in (tmp_path / "kaggle").rglob("*") if p.is_file())
+    assert files == ["train.csv", *sorted(f"train/sim3-0000{i}_{name}.png" for i in range(2) for name in CHANNELS)]
+    for rel in files:
+        assert (tmp_path / "kaggle" / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes(), rel
+    assert Image.open(tmp_path / "kaggle" / files[-1]).mode == "I;16"
+
+
 def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         simulate(tmp_path / name, n_images=2, seed=seed, size=128, id_prefix="x-")

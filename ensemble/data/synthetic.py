@@ -324,8 +324,9 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def write_image(root: str | Path, image_id: str, sim: SimulatedImage, bit_depth: int = 8,
-                split: str = "train", min_captured: float = ANNOTATE_MIN_CAPTURED) -> dict[int, list[int]]:
-    """Write one image's channel PNGs (``{split}/{ID}_{channel}.png``) and its truth masks.
+                split: str = "train", min_captured: float = ANNOTATE_MIN_CAPTURED,
+                truth: bool = True) -> dict[int, list[int]]:
+    """Write one image's channel PNGs (``{split}/{ID}_{channel}.png``) and, with ``truth``, its truth masks.
 
     ``truth/masks`` and ``truth/nuclei`` hold the annotated cells (:meth:`SimulatedImage.annotated`),
     ``truth/left_out`` the cells left out (for the contact sheet). Returns the annotated cells' labels.
@@ -335,6 +336,8 @@ def write_image(root: str | Path, image_id: str, sim: SimulatedImage, bit_depth:
     for k, name in enumerate(CHANNELS):
         _save_png(np.ascontiguousarray(channels[..., k]), root / split / f"{image_id}_{name}.png")
     mask, labels = sim.annotated(min_captured)
+    if not truth:
+        return labels
     _save_png(mask, root / "truth" / "masks" / f"{image_id}.png")
     _save_png(np.where(mask > 0, sim.nucleus_mask, 0).astype(mask.dtype), root / "truth" / "nuclei" / f"{image_id}.png")
     _save_png(np.where(mask > 0, 0, sim.cell_mask).astype(mask.dtype), root / "truth" / "left_out" / f"{image_id}.png")
@@ -352,6 +355,7 @@ def simulate(
     split: str = "train",
     id_prefix: str | None = None,
     min_captured: float = ANNOTATE_MIN_CAPTURED,
+    truth: bool = True,
 ) -> SimulationResult:
     """Write a simulated dataset in the Kaggle layout, with its truth beside it.
 
@@ -362,6 +366,10 @@ def simulate(
 
     The truth holds the cells at least ``min_captured`` inside the image (0 keeps every cell);
     ``truth/left_out/{ID}.png`` has the others.
+
+    With ``truth=False`` only what the Kaggle competition gives is written: ``{split}.csv`` and
+    the channel PNGs, no ``truth/`` and no ``simulation.json`` (the settings are in the result),
+    the shape of the data users bring.
 
     Image ``i`` is drawn from ``numpy.random.default_rng([seed, i])``.
 
@@ -376,7 +384,8 @@ def simulate(
     root = Path(out)
     if not 0.0 <= min_captured <= 1.0:
         raise ValueError(f"min_captured must be in [0, 1], got {min_captured}")
-    for folder in (root / split, *(root / "truth" / name for name in ("masks", "nuclei", "left_out"))):
+    truth_folders = [root / "truth" / name for name in ("masks", "nuclei", "left_out")] if truth else []
+    for folder in (root / split, *truth_folders):
         folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     prefix = f"sim{seed}-" if id_prefix is None else id_prefix
@@ -384,16 +393,17 @@ def simulate(
     image_rows, cell_rows = ["ID,Label"], ["ID,cell_id,Label,captured"]
     for index, image_id in enumerate(ids):
         sim = simulate_image([seed, index], size, difficulty, rare_oversample=rare_oversample)
-        annotated = write_image(root, image_id, sim, bit_depth, split, min_captured)
+        annotated = write_image(root, image_id, sim, bit_depth, split, min_captured, truth)
         image_rows.append(f"{image_id},{format_labels(sim.image_labels)}")
         cell_rows += [f"{image_id},{cell},{format_labels(labels)},{sim.captured[cell]:.4f}"
                       for cell, labels in annotated.items()]
     (root / f"{split}.csv").write_text("\n".join(image_rows) + "\n")
-    (root / "truth" / "cell_labels.csv").write_text("\n".join(cell_rows) + "\n")
     settings = dict(simulator_version=SIMULATOR_VERSION, seed=seed, n_images=n_images, size=size,
                     difficulty=difficulty, difficulty_settings=asdict(DIFFICULTIES[difficulty]),
                     bit_depth=bit_depth, rare_oversample=rare_oversample, split=split,
                     id_prefix=prefix, render_max=RENDER_MAX, min_captured=min_captured)
-    (root / "simulation.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if truth:
+        (root / "truth" / "cell_labels.csv").write_text("\n".join(cell_rows) + "\n")
+        (root / "simulation.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return SimulationResult(root=root, image_ids=ids, n_cells=len(cell_rows) - 1,
                             seconds=time.perf_counter() - start, settings=settings)

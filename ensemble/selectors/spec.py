@@ -15,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 from ensemble.selectors.baselines import GreedyResult
 from ensemble.selectors.blocks import Cut
 from ensemble.selectors.fusion import FusionRule
+from ensemble.storage import read_bytes, write_bytes
 
 METHODS = ("hcpl", "hcpl_unfused", "best_single", "mean_all", "greedy")
 """Scored methods: the selected ensemble, its cell stream alone (no fusion), and the baselines."""
@@ -169,15 +170,15 @@ class EnsembleSpec:
             data["greedy"] = GreedyResult(**data["greedy"])
         return cls(**data)
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write the spec as JSON; returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
+    def to_json(self, path: str | Path) -> str | Path:
+        """Write the spec as JSON to a path or URL; returns ``path``."""
+        write_bytes(json.dumps(self.to_dict(), indent=2, allow_nan=False).encode(), str(path))
         return path
 
     @classmethod
     def from_json(cls, path: str | Path) -> EnsembleSpec:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a spec that :meth:`to_json` wrote, from a path or URL."""
+        return cls.from_dict(json.loads(read_bytes(path)))
 
     def family_agreement(self, within_kinds: bool = True) -> float | None:
         """Adjusted Rand index of the blocks against the models' backbone families (``tags``).
