@@ -1,17 +1,20 @@
 """The champion as a served product: the real ``mlflow models serve`` on 127.0.0.1 answers the
 model's own ``serving_input_example.json``, a request with the images as base64 bytes (and a
 given mask), and one with paths and a dataset root; the rows are per cell, named by class, and
-the same as predicting in this process."""
+the same as predicting in this process. The model loads its networks when it is loaded, and
+after ``ray down`` a new MLflow server on the cluster's database and artifacts serves it."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +37,7 @@ from ensemble.registry import register_ensemble
 from ensemble.serving import Preprocessing, load_ensemble
 from ensemble.serving_io import SERVING_COLUMNS, image_row, png_base64
 from ensemble.submission import decode_mask
-from test_registry import tiny_members, tiny_spec
+from test_registry import MlflowServer, tiny_members, tiny_spec
 
 CHAMPION = "models:/hpa-ensemble@champion"
 
@@ -182,3 +185,59 @@ def test_images_as_paths_and_a_dataset_root(served, image):
     check_cells(cells, "sim3-00000", (128, 128))
     from_bytes = invoke(served.url, {"dataframe_records": [image_row("sim", image.channels, image.mask)]})
     pd.testing.assert_frame_equal(cells[cells["image_id"] == "sim"].reset_index(drop=True), from_bytes)
+
+
+def test_the_networks_load_with_the_model_and_only_once(served, image, tmp_path):
+    """`mlflow models serve` answers /ping once the model is loaded: the networks must be loaded
+    then, not by the first request under MLflow's scoring timeout (and not twice by two)."""
+    copy = Path(shutil.copytree(served.model_dir, tmp_path / "model"))
+    pixels = {"sim": stack_channels(image.channels, list(CHANNELS), "sim")}
+    deferred = load_ensemble(str(copy), networks=False)
+    start, loaded = threading.Barrier(2), []
+
+    def first_request():
+        start.wait()
+        loaded.append(deferred.networks)
+
+    threads = [threading.Thread(target=first_request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loaded[0] is loaded[1], "two concurrent first requests share one loading"
+
+    model = load_ensemble(str(copy))
+    shutil.rmtree(next(copy.rglob("members")))  # what it needs after loading is in memory
+    np.testing.assert_allclose(model.predict_arrays(pixels, {"sim": image.mask})[CELL_COLUMNS].to_numpy(),
+                               served.model.predict_arrays(pixels, {"sim": image.mask})[CELL_COLUMNS].to_numpy())
+    with pytest.raises(FileNotFoundError):
+        load_ensemble(str(copy), networks=False).predict_arrays(pixels, {"sim": image.mask})
+
+
+def test_after_ray_down_a_server_on_the_same_database_and_artifacts_serves_the_champion(served, image, tmp_path):
+    """The cluster's MLflow server stops with its head; its database and bucket stay. Its models'
+    artifacts are mlflow-artifacts:/ URIs, so the database alone cannot load them: a new server
+    on both can (README, "Serving")."""
+    first = MlflowServer(tmp_path)
+    try:
+        register_ensemble(tiny_spec(), tiny_members(tmp_path / "checkpoints"),
+                          Preprocessing(create_segmenter("classical").describe(), cell_size=32),
+                          tracking_uri=first.url(), experiment="cluster")
+    finally:
+        first.stop()
+    pixels = {"sim": stack_channels(image.channels, list(CHANNELS), "sim")}
+    previous = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/server.db")
+        with pytest.raises(Exception, match="mlflow-artifacts"):
+            load_ensemble(CHAMPION)
+        second = MlflowServer(tmp_path)
+        try:
+            mlflow.set_tracking_uri(second.url())
+            cells = load_ensemble(CHAMPION).predict_arrays(pixels, {"sim": image.mask})
+        finally:
+            second.stop()
+    finally:
+        mlflow.set_tracking_uri(previous)
+    np.testing.assert_allclose(cells[CELL_COLUMNS].to_numpy(),
+                               served.model.predict_arrays(pixels, {"sim": image.mask})[CELL_COLUMNS].to_numpy())
