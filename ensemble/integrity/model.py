@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from xgboost import XGBClassifier
@@ -57,7 +58,7 @@ def integrity_weight(good: np.ndarray, capture: np.ndarray, rule: str = "product
     return np.clip(good * accepted, 0.0, 1.0).astype(np.float32)
 
 
-class IntegrityModel:
+class IntegrityModel(BaseEstimator):
     """VID: XGBoost on morphology features times a capture-ratio CNN on crops.
 
     Parameters
@@ -91,19 +92,16 @@ class IntegrityModel:
     def __init__(self, backbone: str = "test_efficientnet", cell_size: int | None = None, pretrained: bool = False,
                  rule: str = "product", epochs: int = 15, batch_size: int = 64, lr: float = 1e-3,
                  cuts_per_cell: int = 4, xgb_params: dict | None = None, seed: int = 0):
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if epochs < 1 or batch_size < 1 or cuts_per_cell < 1 or not lr > 0:
-            raise ValueError("epochs, batch_size and cuts_per_cell must be >= 1 and lr > 0")
+        # scikit-learn's convention: the constructor stores its arguments; fit checks them.
         self.backbone, self.cell_size, self.pretrained, self.rule = backbone, cell_size, pretrained, rule
         self.epochs, self.batch_size, self.lr, self.cuts_per_cell = epochs, batch_size, lr, cuts_per_cell
-        self.xgb_params, self.seed = dict(xgb_params or {}), seed
+        self.xgb_params, self.seed = xgb_params, seed
 
-    def get_params(self) -> dict:
-        """Constructor arguments, as scikit-learn estimators report them (saved with the model)."""
-        return {"backbone": self.backbone, "cell_size": self.cell_size, "pretrained": self.pretrained,
-                "rule": self.rule, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                "cuts_per_cell": self.cuts_per_cell, "xgb_params": self.xgb_params, "seed": self.seed}
+    def _check_params(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.cuts_per_cell < 1 or not self.lr > 0:
+            raise ValueError("epochs, batch_size and cuts_per_cell must be >= 1 and lr > 0")
 
     def fit(self, store: CellStore | str, rows: np.ndarray | None = None, labels_csv: str | None = None):
         """Train both modules on the store's cells.
@@ -121,6 +119,7 @@ class IntegrityModel:
         -------
         self
         """
+        self._check_params()
         store = store if isinstance(store, CellStore) else CellStore(store)
         rows = np.arange(len(store)) if rows is None else np.asarray(rows, dtype=np.int64)
         cells = store.cells.iloc[rows]
@@ -128,7 +127,7 @@ class IntegrityModel:
         labelled = ~np.isnan(good)
         if len(np.unique(good[labelled])) < 2:
             raise ValueError("VID needs both good and bad labelled cells to learn from")
-        self.classifier_ = morphology_classifier(self.seed, **self.xgb_params)
+        self.classifier_ = morphology_classifier(self.seed, **(self.xgb_params or {}))
         self.classifier_.fit(feature_matrix(cells[labelled]), good[labelled].astype(int))
         # NaN != 0 is True: unlabelled cells stay candidates; hand-labelled bad ones do not.
         whole = whole_cells(cells) & (good != 0)
