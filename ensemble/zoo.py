@@ -83,6 +83,7 @@ class Placement:
     gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int | None = None
     in_memory: bool = False       # read the job's crops into memory once (small stores)
+    shard_cache: bool = True      # a remote store's shards kept on the node's disk where it has room
     loader_workers: int | None = None  # DataLoader processes per worker; None: one per CPU held beyond the first
 
     def __post_init__(self):

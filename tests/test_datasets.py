@@ -1,4 +1,8 @@
-"""Datasets over the cell store (single cells, bags) and crop augmentation."""
+"""Datasets over the cell store (single cells, bags, the training stream) and crop augmentation."""
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,16 +12,21 @@ from torch.utils.data import DataLoader
 from ensemble.data.augment import build_augment
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
-from ensemble.data.datasets import BagDataset, CellDataset, ImageChunks, make_loader
+from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChunks, make_loader
 from ensemble.data.synthetic import simulate
 
 
 @pytest.fixture(scope="module")
-def store(local_ray, tmp_path_factory) -> CellStore:
+def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     simulate(root, 6, seed=11, size=256)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(local_ray, dataset, tmp_path_factory) -> CellStore:
     path = tmp_path_factory.mktemp("store") / "store"
-    prepare(root, str(path), cell_size=16, n_folds=2, chunk_size=3, progress=False)
+    prepare(dataset, str(path), cell_size=16, n_folds=2, chunk_size=3, progress=False)
     return CellStore(path)
 
 
@@ -158,3 +167,169 @@ def test_remote_store_is_read_in_worker_processes(store, s3_store):
     remote[0]  # the parent has used its filesystem before the workers fork
     images = torch.cat([batch["image"] for batch in make_loader(remote, batch_size=16, workers=2)])
     np.testing.assert_array_equal(images.numpy(), np.stack([local[i]["image"].numpy() for i in range(len(local))]))
+
+
+def _epoch(stream: CellStream, epoch: int, workers: int) -> list[dict]:
+    stream.set_epoch(epoch)
+    return list(make_loader(stream, batch_size=None, workers=workers))
+
+
+def test_stream_gives_every_cell_once_per_epoch_in_a_new_order_fixed_by_the_seed(store):
+    data = CellDataset(store, folds=[0, 1])
+    stream = CellStream(data, batch_size=8, seed=3, drop_last=False, block_cells=12, window_cells=24)
+    assert len(stream._blocks) > 3, "the store must make several blocks"
+    orders = []
+    for epoch in range(2):
+        batches = _epoch(stream, epoch, workers=2)
+        assert len(batches) == len(stream) == -(-len(data) // 8)
+        index = torch.cat([b["index"] for b in batches]).numpy()
+        np.testing.assert_array_equal(np.sort(index), data.rows)  # each cell once
+        # Items as the dataset makes them: the crop, its target.
+        first = batches[0]
+        position = int(np.searchsorted(data.rows, first["index"][0]))
+        np.testing.assert_array_equal(first["image"][0].numpy(), data[position]["image"].numpy())
+        np.testing.assert_array_equal(first["target"][0].numpy(), data[position]["target"].numpy())
+        orders.append(index)
+    assert not np.array_equal(orders[0], orders[1])
+    again = CellStream(data, batch_size=8, seed=3, drop_last=False, block_cells=12, window_cells=24)
+    np.testing.assert_array_equal(torch.cat([b["index"] for b in _epoch(again, 1, workers=2)]).numpy(), orders[1])
+    other_seed = CellStream(data, batch_size=8, seed=4, drop_last=False, block_cells=12, window_cells=24)
+    assert not np.array_equal(torch.cat([b["index"] for b in _epoch(other_seed, 1, workers=2)]).numpy(), orders[1])
+
+
+def test_stream_windows_mix_whole_blocks_and_drop_last_keeps_full_batches(store):
+    data = CellDataset(store)
+    stream = CellStream(data, batch_size=8, seed=0, block_cells=10, window_cells=32)
+    batches = _epoch(stream, 0, workers=0)
+    assert len(batches) == len(data) // 8 and all(len(b["index"]) == 8 for b in batches)
+    # A window (4 batches) holds the cells of whole blocks, in the epoch's block order.
+    block_of = np.empty(len(data), int)
+    for k, items in enumerate(stream._blocks):
+        block_of[items] = k
+    index = torch.cat([b["index"] for b in batches]).numpy()
+    blocks = np.concatenate([stream._blocks[b] for b in np.random.default_rng([0, 0]).permutation(len(stream._blocks))])
+    for start in range(0, len(index) - 32, 32):
+        np.testing.assert_array_equal(np.sort(index[start:start + 32]), np.sort(blocks[start:start + 32]))
+    assert len(np.unique(block_of[index[:32]])) > 1  # the shuffle mixes blocks
+
+
+def test_stream_bags_hold_one_image_each_and_every_cell_once(store):
+    data = BagDataset(store, bag_size=3, train=True, seed=2)
+    stream = CellStream(data, batch_size=4, seed=2, drop_last=False, block_cells=12, window_cells=24)
+    image_of_cell = store.cells["image_id"].to_numpy()
+    for epoch in range(2):
+        batches = _epoch(stream, epoch, workers=2)
+        rows = torch.cat([b["rows"] for b in batches]).numpy()
+        valid = torch.cat([b["valid"] for b in batches]).numpy()
+        np.testing.assert_array_equal(np.sort(rows[valid]), np.arange(len(store)))
+        for bag, ok in zip(rows, valid):
+            assert len(set(image_of_cell[bag[ok]])) == 1
+        # The epoch's dealing is the dataset's own: each streamed bag is one of its items.
+        dealt = {tuple(data[i]["rows"].tolist()) for i in range(len(data))}
+        assert {tuple(bag.tolist()) for bag in rows} == dealt
+
+
+def test_stream_gives_ranks_equal_steps_and_together_every_cell(store):
+    data = CellDataset(store)
+    ranks = [CellStream(data, batch_size=8, seed=1, world_size=2, rank=r, drop_last=False, block_cells=12,
+                        window_cells=16) for r in range(2)]
+    batches = [_epoch(stream, 0, workers=0) for stream in ranks]
+    assert len(batches[0]) == len(batches[1]) == len(ranks[0])
+    index = np.concatenate([torch.cat([b["index"] for b in rank]).numpy() for rank in batches])
+    assert set(index) == set(range(len(store))) and len(index) == 2 * -(-len(store) // 2)
+
+
+def _range_server():
+    """bench_ingest's HTTP server of a folder: range reads, a delay per request, requests and bytes counted."""
+    spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).parents[1] / "bench" / "bench_ingest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DelayedRangeServer
+
+
+def _served(server, epoch_of: Callable[[], list[dict]]) -> tuple[list[dict], int, int]:
+    """Batches of one epoch, and the requests and bytes the server answered meanwhile."""
+    requests, sent = server.counts()
+    batches = epoch_of()
+    after = server.counts()
+    return batches, after[0] - requests, after[1] - sent
+
+
+def test_remote_stream_reads_windows_not_cells_and_the_shard_cache_reads_the_bucket_once(store, tmp_path):
+    shards = sorted((Path(store.uri) / "crops").glob("*.npy"))
+    local = CellDataset(store)
+    with _range_server()(Path(store.uri).parent, delay_ms=1) as server:
+        url = f"{server.url}/{Path(store.uri).name}"
+        per_cell, before, _ = _served(server, lambda: list(make_loader(CellDataset(url), batch_size=8, workers=2)))
+        stream = CellStream(CellDataset(url), batch_size=8, drop_last=False, block_cells=12, window_cells=24)
+        batches, requests, _ = _served(server, lambda: _epoch(stream, 0, workers=2))
+        index = torch.cat([b["index"] for b in batches]).numpy()
+        np.testing.assert_array_equal(torch.cat([b["image"] for b in batches]).numpy(),
+                                      np.stack([local[int(i)]["image"].numpy() for i in index]))
+        windows = 2 + -(-len(store) // stream.window)  # at most: a part window per worker, the rest whole
+        assert before >= len(store) and requests <= 2 * len(shards) + windows * len(shards) < before / 3
+
+        cache = tmp_path / "cache"
+        cached = CellStream(CellDataset(CellStore(url, shard_cache=cache)), batch_size=8, drop_last=False)
+        first, requests, sent = _served(server, lambda: _epoch(cached, 0, workers=2))
+        # Each shard once (a size and a download), though both workers wanted it.
+        assert sent == sum(p.stat().st_size for p in shards) and requests == 2 * len(shards)
+        second, requests, _ = _served(server, lambda: _epoch(cached, 1, workers=2))
+        assert requests == 0
+        for batch in first + second:
+            np.testing.assert_array_equal(batch["image"][0].numpy(), local[int(batch["index"][0])]["image"].numpy())
+    (folder,) = cache.iterdir()
+    assert sorted(p.name for p in folder.glob("*.npy")) == [p.name for p in shards]
+
+
+def test_training_input_equals_what_serving_cuts_after_the_same_scaling(store, dataset):
+    """Parity: a cell read by the training stream (from a remote store) is the cell serving cuts."""
+    from ensemble.data import hpa
+    from ensemble.data.crops import cut_cells
+    from ensemble.data.features import FeatureSettings
+    from ensemble.data.segment import create_segmenter
+    from ensemble.models import fit_size
+    from ensemble.serving import Preprocessing
+    from ensemble.trainers.loop import _inputs
+    from ensemble.zoo import ModelSpec
+
+    image_id = store.cells["image_id"].iloc[0]
+    preprocessing = Preprocessing.from_store(store.uri)  # what the registered ensemble cuts with
+    image = hpa.read_image(dataset, image_id, "train")
+    cells = create_segmenter(preprocessing.segmenter["name"], **preprocessing.segmenter["settings"])(image).cells
+    table, served = cut_cells(image, cells, preprocessing.cell_size, FeatureSettings(**preprocessing.features))
+    spec = ModelSpec(name="c", head="cla", backbone="test_efficientnet", cell_size=24)  # resized from the store's 16
+    rows = np.flatnonzero(store.cells["image_id"].to_numpy() == image_id)
+    with _range_server()(Path(store.uri).parent, delay_ms=0) as server:
+        stream = CellStream(CellDataset(f"{server.url}/{Path(store.uri).name}", rows=rows), batch_size=len(rows))
+        stream.set_epoch(0)
+        (batch,) = list(stream)
+    trained = _inputs(batch["image"], spec, torch.device("cpu"))
+    cell_ids = store.cells["cell_id"].to_numpy()[batch["index"].numpy()]
+    position = {cell: i for i, cell in enumerate(table["cell_id"])}
+    serving_input = fit_size(torch.from_numpy(served).float() / 255, spec.cell_size)  # predict_cells' as_input
+    torch.testing.assert_close(trained, serving_input[[position[c] for c in cell_ids]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_the_jobs_training_loader_streams_the_store_unless_in_memory(store, in_memory):
+    from ensemble.trainers.loop import start_epoch, train_epoch, train_loader
+    from ensemble.models import build_model
+    from ensemble.models.losses import WeightedBCELoss
+    from ensemble.zoo import ModelSpec, Placement, TrainSettings
+
+    spec = ModelSpec(name="c", head="cla", backbone="test_efficientnet", cell_size=16,
+                     train=TrainSettings(batch_size=8, augment=0.5),
+                     placement=Placement(loader_workers=2, in_memory=in_memory))
+    rows = np.flatnonzero(store.cells["fold"].to_numpy() == 1)
+    loader = train_loader(store, rows, spec, torch.device("cpu"))
+    assert isinstance(loader.dataset, CellStream) != in_memory
+    model = build_model(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for epoch in range(2):
+        start_epoch(loader, epoch)
+        seen = torch.cat([batch["index"] for batch in loader]).numpy()
+        assert len(seen) == len(rows) // 8 * 8 and len(set(seen)) == len(seen) and set(seen) <= set(rows)
+        start_epoch(loader, epoch)
+        loss, steps = train_epoch(model, loader, WeightedBCELoss(), optimizer, spec, torch.device("cpu"))
+        assert steps == len(loader) == len(rows) // 8 and np.isfinite(loss)

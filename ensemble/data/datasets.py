@@ -1,5 +1,6 @@
 """PyTorch datasets over a cell store: single cells (CLA, CLH), bags of an image's cells (DSA),
-and whole images' cells in chunks (prediction).
+whole images' cells in chunks (prediction), and :class:`CellStream`, the training input that reads
+either of the first two a window of whole images at a time.
 
 Crops are read by row from the store's shards without loading whole shards; the store's file
 handles are opened lazily and never pickled. DataLoader workers are forked with a copy of the
@@ -16,11 +17,12 @@ each (S, S, 4) crop before it becomes a (4, S, S) float32 tensor in [0, 1]
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from ensemble.data.store import CellStore
 
@@ -113,7 +115,11 @@ class CellDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        crop = self._crops(np.array([i]))[0]
+        return self._item(i, self._crops)
+
+    def _item(self, i: int, crops: Callable[[np.ndarray], np.ndarray]) -> dict:
+        """Item ``i``, its crop taken from ``crops`` (positions in ``rows`` -> crops)."""
+        crop = crops(np.array([i]))[0]
         return {
             "image": _to_tensor(crop, self.transform),
             "target": torch.from_numpy(self.targets[i]),
@@ -196,6 +202,10 @@ class BagDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        return self._item(i, self._crops)
+
+    def _item(self, i: int, crops: Callable[[np.ndarray], np.ndarray]) -> dict:
+        """Item ``i``, its crops taken from ``crops`` (positions in ``rows`` -> crops)."""
         image, k = self.items[i]
         start, count, size = self.starts[image], self.counts[image], self.bag_size
         if self.train:
@@ -206,7 +216,7 @@ class BagDataset(Dataset):
             picked = np.arange(k * size, min((k + 1) * size, count))
         positions = start + picked
         n = len(positions)
-        crops = self._crops(positions)
+        crops = crops(positions)
         cells = torch.zeros((size, *crops.shape[1:]), dtype=torch.float32)
         for j, crop in enumerate(crops):
             cells[j] = _to_tensor(crop, self.transform)
@@ -221,6 +231,144 @@ class BagDataset(Dataset):
             "cell_targets": torch.from_numpy(cell_targets),
             "rows": torch.from_numpy(rows),
         }
+
+
+class _Window:
+    """Crops of some positions of a dataset's ``rows``, read together; looked up like ``_Crops``."""
+
+    def __init__(self, positions: np.ndarray, crops: np.ndarray):
+        self.positions, self.crops = positions, crops
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return self.crops[np.searchsorted(self.positions, positions)]
+
+
+class CellStream(IterableDataset):
+    """The training input: a :class:`CellDataset` or :class:`BagDataset` read a window of images at a time.
+
+    Read cell by cell, a store in a bucket costs one request (20-40 ms) per cell, and a loader
+    worker waits on each. This stream reads long runs of whole images instead, and shuffles
+    within a window of them:
+
+    - the images are grouped, in store order, into blocks of up to ``block_cells`` cells of one
+      shard: contiguous in the shard, so a block is one range request (a few where rows of other
+      folds lie between);
+    - each epoch the blocks are shuffled with ``(seed, epoch)`` and laid end to end; a rank takes
+      a contiguous slice of their items (cells, or bags) (equal slices, padded with the epoch's
+      first items as ``DistributedSampler`` pads, so DDP ranks take the same number of steps),
+      cut into batches; loader worker w of W makes the w-th contiguous run of those batches;
+    - a worker reads its run a window of about ``window_cells`` cells at a time (a whole number
+      of batches; the next window is read in a thread while it augments the current one) and
+      shuffles each window's items among themselves before batching them.
+
+    Every item is in the epoch once (less the last partial batch with ``drop_last``), in an order
+    fixed by the seed, the epoch, the number of ranks and of loader workers. A bag's cells are all
+    of one image, which never spans blocks. Bucket requests per epoch: about one per block (and
+    per run of other folds' rows within it); with the store's shard cache
+    (``CellStore(shard_cache=...)``) the first epoch downloads whole shards and later ones read
+    the node's copies.
+
+    Why not Ray Data (``iter_torch_batches`` with a local shuffle buffer): the store's crops live
+    in ``.npy`` shards read by row range, which Ray Data reads only whole or through a datasource
+    of our own; it would run a second pipeline on the CPUs the job's loader workers use, and the
+    DSA bags, augmentation and items would need a second implementation. A torch
+    ``IterableDataset`` keeps the DataLoader (worker processes, pinned memory) and the datasets'
+    own items, and its order is a plain function of the seed and epoch.
+
+    Parameters
+    ----------
+    dataset : CellDataset or BagDataset
+        Read lazily (``in_memory=False``).
+    batch_size : int
+        Items per batch; the stream yields batches (use a DataLoader with ``batch_size=None``).
+    seed : int
+    world_size, rank : int
+        Ray Train workers of the job, and this one's rank.
+    drop_last : bool
+        Leave out the rank's last partial batch when the rank has more than one batch's items (a
+        batch of one cell breaks batch normalisation).
+    block_cells : int
+        Cells per block at most (an image with more is a block of its own).
+    window_cells : int
+        Cells per window: the span of the shuffle; a loader worker holds about two windows (1024
+        cells of 256 px are 256 MiB).
+    """
+
+    def __init__(self, dataset: CellDataset | BagDataset, batch_size: int, seed: int = 0, world_size: int = 1,
+                 rank: int = 0, drop_last: bool = True, block_cells: int = 128, window_cells: int = 1024):
+        if min(batch_size, block_cells, window_cells) < 1:
+            raise ValueError("batch_size, block_cells and window_cells must be >= 1")
+        self.dataset, self.batch_size, self.seed, self.world_size, self.rank = dataset, batch_size, seed, world_size, rank
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
+        _, self._starts, self._counts = _image_runs(dataset.store, dataset.rows)
+        bags = isinstance(dataset, BagDataset)
+        per_image = -(-self._counts // dataset.bag_size) if bags else self._counts
+        first_item = np.r_[0, np.cumsum(per_image)].astype(np.int64)
+        # A bag needs its whole image's cells; a cell, itself.
+        self._image_of_item = np.repeat(np.arange(len(per_image)), per_image) if bags else None
+        shard = dataset.store.table.column("shard").to_numpy()[dataset.rows[self._starts]]
+        edges, cells = [0], 0  # each block's first image
+        for image, count in enumerate(self._counts):
+            if image > edges[-1] and (shard[image] != shard[edges[-1]] or cells + count > block_cells):
+                edges.append(image)
+                cells = 0
+            cells += count
+        edges.append(len(per_image))
+        self._blocks = [np.arange(first_item[a], first_item[b]) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        self.per_rank = -(-int(first_item[-1]) // world_size)
+        full = self.per_rank // batch_size
+        self.batches = full if drop_last and self.per_rank > batch_size else -(-self.per_rank // batch_size)
+        # Items per window: a whole number of batches, so that no batch spans two windows.
+        self.window = batch_size * max(1, round(window_cells / (dataset.bag_size if bags else 1) / batch_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch's order (and, for bags, how images' cells are dealt); call before iterating."""
+        self._epoch.fill_(epoch)
+        if isinstance(self.dataset, BagDataset):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch of this rank."""
+        return self.batches
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's items of an epoch, block by block, before the shuffle within windows."""
+        blocks = np.random.default_rng([self.seed, epoch]).permutation(len(self._blocks))
+        items = np.concatenate([self._blocks[b] for b in blocks]) if len(blocks) else np.zeros(0, np.int64)
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        return np.resize(items, self.per_rank * self.world_size)[mine]  # repeats from the start: DistributedSampler's padding
+
+    def _cells(self, items: np.ndarray) -> np.ndarray:
+        """Sorted positions (in ``dataset.rows``) of the cells that ``items`` need."""
+        if self._image_of_item is None:
+            return np.unique(items)
+        images = np.unique(self._image_of_item[items])
+        return np.concatenate([np.arange(self._starts[i], self._starts[i] + self._counts[i]) for i in images])
+
+    def _read(self, items: np.ndarray) -> _Window:
+        positions = self._cells(items)
+        return _Window(positions, self.dataset._crops(positions))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        epoch = int(self._epoch)
+        size = self.batch_size
+        lo = worker * self.batches // workers * size
+        hi = (worker + 1) * self.batches // workers * size
+        items = self.order(epoch)[lo:hi]
+        windows = [items[start:start + self.window] for start in range(0, len(items), self.window)]
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reads = [pool.submit(self._read, window) for window in windows[:1]]
+            for k, window in enumerate(windows):
+                if k + 1 < len(windows):
+                    reads.append(pool.submit(self._read, windows[k + 1]))  # read ahead while this one is augmented
+                crops = reads[k].result()
+                reads[k] = None  # let the window go once its batches are made
+                window = rng.permutation(window)
+                for start in range(0, len(window), size):
+                    yield default_collate([self.dataset._item(int(i), crops) for i in window[start:start + size]])
 
 
 class ImageChunks(Dataset):
@@ -280,7 +428,7 @@ def worker_init(worker_id: int) -> None:
     each worker reseeds it from its own torch seed.
     """
     info = get_worker_info()
-    dataset = info.dataset
+    dataset = info.dataset.dataset if isinstance(info.dataset, CellStream) else info.dataset
     dataset.store = dataset._crops.store = pickle.loads(pickle.dumps(dataset.store))
     transform = getattr(dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
@@ -294,9 +442,9 @@ def make_loader(dataset: Dataset, batch_size: int | None, workers: int, pin_memo
 
     Parameters
     ----------
-    dataset : CellDataset, BagDataset or ImageChunks
+    dataset : CellDataset, BagDataset, ImageChunks or CellStream
     batch_size : int or None
-        None: items as they are (ImageChunks).
+        None: items as they are (ImageChunks, and CellStream, which yields batches).
     workers : int
     pin_memory : bool
         Page-locked batches, so copies to a GPU can run asynchronously (``non_blocking``).

@@ -9,7 +9,10 @@ node, re-run of train_all) resumes from the latest checkpoint that Ray Train han
 
 Input: DataLoader worker processes (``placement.loader_workers``) read, augment and convert the
 crops while the model steps; the training loader is built once per job and its workers persist
-across epochs. On a GPU, batches come in pinned memory and are copied asynchronously; the model
+across epochs. Crops are read a window of whole images at a time
+(:class:`~ensemble.data.datasets.CellStream`), or from memory with ``placement.in_memory``; a remote
+store's shards are kept on the node's disk (``placement.shard_cache``), so a job reads the bucket
+once. On a GPU, batches come in pinned memory and are copied asynchronously; the model
 runs in channels_last memory format under bf16 autocast. Optimiser and learning-rate schedule
 come from timm's factories, named in the zoo's train settings.
 """
@@ -35,9 +38,9 @@ import ray.train
 import ray.train.torch
 
 from ensemble.data.augment import build_augment
-from ensemble.data.datasets import BagDataset, CellDataset, ImageChunks, make_loader
+from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChunks, make_loader
 from ensemble.data.folds import inner_split
-from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.data.store import CellStore, default_shard_cache, evaluation_labels
 from ensemble.metrics import cell_map
 from ensemble.models import build_model, fit_size, init_class_prior
 from ensemble.models.inference import predict_cells
@@ -141,9 +144,10 @@ def train_loader(store: CellStore, rows: np.ndarray, spec: ModelSpec, device: to
                  rank: int = 0) -> DataLoader:
     """The job's training loader, built once: call :func:`start_epoch` before each pass.
 
-    Its sampler shuffles with the job's seed and the epoch, and with several Ray Train workers
-    gives each its share of the items (what ``prepare_data_loader`` would add, which rebuilds
-    the loader without its persistent workers).
+    It shuffles with the job's seed and the epoch, and with several Ray Train workers gives each
+    its share of the items (what ``prepare_data_loader`` would add, which rebuilds the loader
+    without its persistent workers): in memory through a ``DistributedSampler``, from the store
+    through a :class:`~ensemble.data.datasets.CellStream`, which reads whole images in windows.
     """
     settings = spec.train
     transform = build_augment(settings.augment) if settings.augment > 0 else None
@@ -155,16 +159,21 @@ def train_loader(store: CellStore, rows: np.ndarray, spec: ModelSpec, device: to
         dataset = CellDataset(store, rows=rows, labels=settings.labels, transform=transform,
                               in_memory=spec.placement.in_memory)
         batch = settings.batch_size
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
     workers = loader_workers(spec.placement)
+    if not spec.placement.in_memory:
+        stream = CellStream(dataset, batch, seed=settings.seed, world_size=world_size, rank=rank)
+        return make_loader(stream, batch_size=None, workers=workers, pin_memory=device.type == "cuda",
+                           persistent=workers > 0)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
     return make_loader(dataset, batch_size=batch, workers=workers, pin_memory=device.type == "cuda", sampler=sampler,
                        drop_last=len(sampler) > batch, persistent=workers > 0)
 
 
 def start_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of the loader's shuffling and, for bags, of the cells drawn from each image."""
-    loader.sampler.set_epoch(epoch)
-    if isinstance(loader.dataset, BagDataset):
+    if not isinstance(loader.dataset, CellStream):  # a stream orders its items itself
+        loader.sampler.set_epoch(epoch)
+    if isinstance(loader.dataset, (BagDataset, CellStream)):
         loader.dataset.set_epoch(epoch)
 
 
@@ -277,7 +286,7 @@ def train_loop_per_worker(config: dict) -> dict:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
 
-    store = CellStore(job.store)
+    store = CellStore(job.store, shard_cache=default_shard_cache() if spec.placement.shard_cache else None)
     train_rows, val_rows, held_rows = job_rows(store, job.fold, settings)
     truth, label_source = evaluation_labels(store)
     rates = store.labels("weak")[train_rows].mean(axis=0)
@@ -312,7 +321,7 @@ def train_loop_per_worker(config: dict) -> dict:
         scheduler.step(epoch + 1)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch, "train_loss": loss, "lr": lr, "epoch_seconds": seconds,
-                   "cells_per_second": len(loader.dataset) / seconds}
+                   "cells_per_second": len(train_rows) / seconds}
         stop = False
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
