@@ -43,12 +43,15 @@ class Plan:
     notes : list of str
         What the run will do differently from the zoo's word, and why (the dataset has no cell
         truth, the VID is off): said once, before anything starts.
+    built : bool
+        Whether every model was built and run once (:func:`preflight_zoo`).
     """
 
     zoo: Zoo
     spaces: dict[str, str] = field(default_factory=dict)
     cluster: str = ""
     notes: list[str] = field(default_factory=list)
+    built: bool = True
 
     def jobs(self) -> pd.DataFrame:
         """One row per model: what it is, where each of its jobs runs, and how many jobs it has."""
@@ -78,6 +81,9 @@ class Plan:
         if self.cluster:
             lines.append(self.cluster)
         lines += self.notes
+        if not self.built:
+            lines.append("models not built: `ensemble check` builds and runs each once (a minute for the hcpl zoo "
+                         "on 2 cores), as train-all does before any job")
         lines.append("all checks passed; nothing was started")
         return "\n".join(lines)
 
@@ -376,7 +382,7 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
         check_shared(shape, uri, workdir or "runs")
         cluster = f"cluster ({cluster_config}): every job fits a node type ({shape.describe()})"
     tracking.check_reachable(uri)  # a SQLite file is not created by a check: the first run creates it
-    return Plan(zoo=zoo, spaces=spaces, cluster=cluster, notes=notes)
+    return Plan(zoo=zoo, spaces=spaces, cluster=cluster, notes=notes, built=build)
 
 
 def check_data_file(uri: str, where: str) -> None:

@@ -203,6 +203,7 @@ def test_the_vid_finds_its_labels_before_any_image_is_read(tmp_path, capsys, zoo
     assert said == code and expected in (out if code == 0 else one_line(err)), (out, err)
     if code == 0:
         assert f"{kaggle_data} has no cell truth (truth/cell_labels.csv), as Kaggle's data" in out
+        assert "models not built: `ensemble check` builds" in out, "a dry run is the quick look"
     assert not ray.is_initialized() and not (tmp_path / "work").exists()
 
 
