@@ -656,3 +656,24 @@ def test_integrity_weighting_is_decided_without_the_fold_it_scores():
     assert decide_weighting(scores, weights, objective, folds, "off").nested == decision.without
     with pytest.raises(ValueError, match="weighting must be one of"):
         decide_weighting(scores, weights, objective, folds, "sometimes")
+
+
+def test_the_selector_is_a_scikit_learn_estimator(synthetic):
+    """Parameters declared once (get_params/set_params/clone), checked in fit; fit returns self with
+    spec_ and scores_; predict applies the spec; select_ensemble is the same selection."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    from ensemble.selectors import HCPLSelector
+
+    selector = HCPLSelector(fusion="paper", nested=False, greedy=False)
+    assert clone(selector).get_params() == selector.get_params() and selector.get_params()["fusion"] == "paper"
+    with pytest.raises(NotFittedError):
+        selector.predict(synthetic.oof)
+    assert selector.fit(synthetic.oof, synthetic.labels) is selector
+    assert selector.scores_ is selector.spec_.scores and selector.objective_ == "competition"
+    function = select_ensemble(synthetic.oof, synthetic.labels, fusion="paper", nested=False, greedy=False)
+    assert function.members == selector.spec_.members and function.scores == selector.scores_
+    pd.testing.assert_frame_equal(selector.predict(synthetic.oof), apply_spec(function, synthetic.oof))
+    with pytest.raises(ValueError, match="objective must be one of"):
+        selector.set_params(objective="auc").fit(synthetic.oof, synthetic.labels)

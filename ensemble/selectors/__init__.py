@@ -13,11 +13,11 @@ Typical use::
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import Blocks, Cut, choose_members, find_blocks
 from ensemble.selectors.correlation import PredictionMoments, correlation_matrix, prediction_moments
-from ensemble.selectors.fusion import PAPER_RHO_TH, FusionRule, decide_fusion, stream_correlation
+from ensemble.selectors.fusion import PAPER_RHO_TH, FusionRule, apply_spec, decide_fusion, stream_correlation
 from ensemble.oof import OOFSet, Targets, align_labels, load_oof_dir, load_oof_mlflow
 from ensemble.selectors.plots import plot_correlation
 from ensemble.selectors.scoring import OBJECTIVES, Objective, average_precision, mean_average_precision
-from ensemble.selectors.select import apply_spec, select_ensemble
+from ensemble.selectors.select import HCPLSelector, select_ensemble
 from ensemble.selectors.spec import EnsembleSpec, MethodScore, log_to_mlflow
 from ensemble.selectors.synthetic_oof import SyntheticOOF, make_synthetic_oof
 
@@ -30,6 +30,7 @@ __all__ = [
     "FusionRule",
     "GreedyParams",
     "GreedyResult",
+    "HCPLSelector",
     "MethodScore",
     "OOFSet",
     "Objective",

@@ -4,17 +4,25 @@ Paper ("Multi-stream information fusion"): for classes where the correlation ``r
 image-level and the cell-level predictions exceeds a threshold ``rho_th``, a cell's probability is
 the product of the two; for the others (classes the image stream over-labels, such as mitotic
 spindle, centrosome and aggresome) it is the cell-level prediction alone.
+
+:func:`apply_spec` is the whole combination a selected ensemble applies to its members'
+predictions, on OOF rows and on new images alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ensemble.labels import CLASS_NAMES
+from ensemble.oof import CELL_COLUMNS, OOFSet
+
+if TYPE_CHECKING:  # spec.py imports FusionRule from here
+    from ensemble.selectors.spec import EnsembleSpec
 
 PAPER_RHO_TH = 0.5
 """Default ``rho_th`` of the paper's rule. The paper does not publish its value; its low-correlation
@@ -204,3 +212,64 @@ def _fit_threshold(correlation: np.ndarray, ap_product: np.ndarray, ap_cell: np.
         return PAPER_RHO_TH
     mids = (lows[best] + highs[best]) / 2
     return float(mids[np.argmin(np.abs(mids - PAPER_RHO_TH))])
+
+
+def apply_spec(spec: EnsembleSpec, predictions: OOFSet | Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The ensemble's per-cell probabilities: aggregation of the members, then fusion.
+
+    A pure function of the spec and the members' predictions, used on OOF and on new images alike.
+
+    Parameters
+    ----------
+    spec : EnsembleSpec
+    predictions : OOFSet or mapping of model name to table
+        At least the members' ``cell_0..cell_18`` and, for the image models, ``image_0..image_18``
+        (``fold`` is not needed); other models are ignored.
+
+    Returns
+    -------
+    DataFrame
+        ``image_id, cell_id`` (and ``fold`` if known) and ``cell_0..cell_18``, one row per cell.
+        Visual-integrity weighting, when ``spec.integrity_weighting`` is on, is applied on top
+        by the caller.
+    """
+    members = [m for group in spec.groups.values() for m in group]
+    image_models = spec.image_models if uses_image_stream(spec) else []
+    if not isinstance(predictions, OOFSet):
+        needed = dict.fromkeys([*members, *image_models])
+        absent = [m for m in needed if m not in predictions]
+        if absent:
+            raise ValueError(f"predictions lack the ensemble's models {absent}")
+        predictions = OOFSet.from_frames({m: predictions[m] for m in needed}, require_fold=False)
+    absent = [m for m in members if m not in predictions.cell]
+    if absent:
+        raise ValueError(f"predictions lack the ensemble's members {absent}")
+    absent = [m for m in image_models if m not in predictions.image]
+    if absent:
+        raise ValueError(f"predictions of {absent} lack the image stream (image_0..image_18) that fusion needs")
+    fused = predict_rows(spec, predictions, slice(0, predictions.n_cells))
+    return pd.concat([predictions.index, pd.DataFrame(dict(zip(CELL_COLUMNS, fused, strict=True)))], axis=1)
+
+
+def predict_rows(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fused: bool = True) -> np.ndarray:
+    """Aggregate and (unless ``fused`` is False) fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
+    members = [m for group in spec.groups.values() for m in group]
+    cell = aggregate({m: oof.cell[m][:, rows] for m in members}, spec.groups, spec.weights)
+    if not fused:
+        return cell
+    image = None
+    if uses_image_stream(spec):
+        image = aggregate(
+            {m: oof.image[m][:, rows] for m in spec.image_models},
+            {"image": spec.image_models},
+            image_weights(spec.weights, spec.image_models),
+        )
+    return fuse(cell, image, spec.fusion)
+
+
+def image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
+    return {m: float(weights.get(m, 1.0)) for m in image_models}
+
+
+def uses_image_stream(spec: EnsembleSpec) -> bool:
+    return any(rule.rule == "product" for rule in spec.fusion.values())

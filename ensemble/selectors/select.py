@@ -22,16 +22,19 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import FUSION_MODES, aggregate, decide_fusion, fuse, stream_correlation
+from ensemble.selectors.fusion import (FUSION_MODES, aggregate, apply_spec, decide_fusion, image_weights,
+                                       predict_rows, stream_correlation)
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import OBJECTIVES, Objective, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
@@ -41,51 +44,14 @@ logger = logging.getLogger(__name__)
 AGGREGATIONS = ("mean", "hierarchical")
 
 
-@dataclass(frozen=True)
-class _Settings:
-    correlation: str
-    threshold: float | None
-    blocks_by_kind: bool
-    prune: bool
-    fusion: str
-    rho_th: float | None
-    override_margin: float
-    weights: Mapping[str, float]
-    aggregation: str
-    image_models: Sequence[str] | None
-    objective: str
+class HCPLSelector(BaseEstimator):
+    """Select a diverse ensemble from out-of-fold predictions (the module docstring's recipe).
 
-
-def select_ensemble(
-    oof: OOFSet | Mapping[str, pd.DataFrame],
-    labels: pd.DataFrame | np.ndarray,
-    *,
-    correlation: str = "within_class",
-    threshold: float | None = None,
-    blocks_by_kind: bool = True,
-    prune: bool = True,
-    fusion: str = "fit",
-    rho_th: float | None = None,
-    override_margin: float = 0.01,
-    weights: Mapping[str, float] | None = None,
-    aggregation: str = "mean",
-    image_models: Sequence[str] | None = None,
-    objective: str = "competition",
-    nested: bool = True,
-    greedy: GreedyParams | bool = True,
-    tags: Mapping[str, Mapping[str, str]] | None = None,
-    n_jobs: int | None = None,
-    chunk_rows: int = 8192,
-) -> EnsembleSpec:
-    """Select a diverse ensemble from out-of-fold predictions.
+    A scikit-learn estimator: the parameters below are its whole configuration, stored as given
+    and checked by :meth:`fit`; :func:`select_ensemble` is the same as a function.
 
     Parameters
     ----------
-    oof : OOFSet or mapping of model name to OOF table
-        See :mod:`ensemble.selectors.oof` for the table contract.
-    labels : DataFrame or ndarray
-        Cell labels (``image_id, cell_id, label_0..label_18`` [, ``fold``, ``cell_truth``]), or an
-        array (n_cells, 19) in the row order of ``oof.index``.
     correlation : {"within_class", "flat"}
         How models are correlated (:mod:`ensemble.selectors.correlation`): the mean of per-class
         correlations, or one correlation over cells x classes flattened (the paper's figure).
@@ -96,8 +62,8 @@ def select_ensemble(
         Find blocks among the models with an image stream (DSA) and among the cell-level models
         separately, never mixing the two kinds in one block; False clusters all models together.
     prune : bool
-        Visit the blocks' best models in order of OOF mAP and keep each only if adding it raises
-        the aggregated cell-stream mAP on the fitting rows (the best one is always kept). False
+        Visit the blocks' best models in order of their objective score and keep each only if
+        adding it raises the aggregated cell stream's on the fitting rows (the best one is always kept). False
         keeps one member from every block, as the paper does.
     fusion : {"fit", "paper", "off"}
         Per-class image x cell fusion (:func:`~ensemble.selectors.fusion.decide_fusion`):
@@ -126,67 +92,128 @@ def select_ensemble(
         selection itself.
     greedy : GreedyParams or bool
         Settings of the greedy baseline; True for the defaults, False to skip it.
-    tags : mapping, optional
-        Model metadata when ``oof`` is a mapping of tables (an OOFSet carries its own).
     n_jobs : int, optional
         Threads for scoring models (``-1``: all cores).
     chunk_rows : int
         Cells per chunk when streaming the correlation.
 
+    Attributes
+    ----------
+    spec_ : EnsembleSpec
+        Fitted on all folds; its ``scores`` hold in-sample and, with ``nested``, out-of-sample
+        scores under the objective (``metric_scores`` under each metric) of ``hcpl`` (this recipe),
+        ``hcpl_unfused`` (the same members, cell stream only, which shows what fusion adds),
+        ``best_single``, ``mean_all`` and ``greedy``. The baselines combine cell streams only (no
+        image-stream fusion). When every fold makes the same choices as the full fit, the pooled
+        out-of-sample mAP equals the in-sample one.
+    scores_ : dict of str to MethodScore
+        ``spec_.scores``.
+    objective_ : str
+        The objective used: ``objective``, or ``"cell"`` where the labels hold no cell truth.
+
+    Examples
+    --------
+    >>> selector = HCPLSelector(aggregation="hierarchical").fit(oof, labels)
+    >>> selector.scores_["hcpl"].nested_mean
+    >>> fused = selector.predict(test_predictions)      # what serving computes
+    """
+
+    def __init__(self, *, correlation: str = "within_class", threshold: float | None = None,
+                 blocks_by_kind: bool = True, prune: bool = True, fusion: str = "fit", rho_th: float | None = None,
+                 override_margin: float = 0.01, weights: Mapping[str, float] | None = None,
+                 aggregation: str = "mean", image_models: Sequence[str] | None = None,
+                 objective: str = "competition", nested: bool = True, greedy: GreedyParams | bool = True,
+                 n_jobs: int | None = None, chunk_rows: int = 8192):
+        self.correlation, self.threshold, self.blocks_by_kind, self.prune = correlation, threshold, blocks_by_kind, prune
+        self.fusion, self.rho_th, self.override_margin, self.weights = fusion, rho_th, override_margin, weights
+        self.aggregation, self.image_models, self.objective = aggregation, image_models, objective
+        self.nested, self.greedy, self.n_jobs, self.chunk_rows = nested, greedy, n_jobs, chunk_rows
+
+    def fit(self, oof: OOFSet | Mapping[str, pd.DataFrame], labels: pd.DataFrame | np.ndarray,
+            tags: Mapping[str, Mapping[str, str]] | None = None) -> HCPLSelector:
+        """Select on ``oof`` against ``labels``.
+
+        Parameters
+        ----------
+        oof : OOFSet or mapping of model name to OOF table
+            See :mod:`ensemble.oof` for the table contract.
+        labels : DataFrame or ndarray
+            Cell labels (``image_id, cell_id, label_0..label_18`` [, ``fold``, ``cell_truth``]), or
+            an array (n_cells, 19) in the row order of ``oof.index``.
+        tags : mapping, optional
+            Model metadata when ``oof`` is a mapping of tables (an OOFSet carries its own).
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            On misaligned or invalid inputs (see :class:`~ensemble.oof.OOFSet`), on fusion
+            asked without an image stream or, for ``fit``, without cell-level truth, and on
+            ``nested`` with fewer than two folds.
+        """
+        oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
+        targets = align_labels(labels, oof)
+        _check_settings(self, oof, targets)
+        greedy_params = GreedyParams() if self.greedy is True else (self.greedy or None)
+        folds = oof.fold_slices()
+        if self.nested and len(folds) < 2:
+            raise ValueError(f"nested scoring needs at least 2 folds; the OOF has {len(folds)}")
+        metrics = _objectives(targets, oof.index["image_id"].to_numpy())
+        self.objective_ = self.objective
+        if self.objective not in metrics:
+            warnings.warn("the labels hold no cell-level truth, so the competition's ranking within images is "
+                          "empty: selecting on cell mAP", stacklevel=2)
+            self.objective_ = "cell"
+        chosen = metrics[self.objective_]
+
+        logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
+        moments = prediction_moments(oof, chunk_rows=self.chunk_rows)
+        everything = slice(0, oof.n_cells)
+        spec = _fit(oof, targets, chosen, moments, everything, None, self, self.n_jobs)
+        baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, self.n_jobs)
+        predictions = {"hcpl": predict_rows(spec, oof, everything),
+                       "hcpl_unfused": predict_rows(spec, oof, everything, fused=False)}
+        predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
+        held_out = None
+        if self.nested:
+            held_out = _nested_predictions(oof, targets, chosen, moments, self, greedy_params, list(predictions),
+                                           self.n_jobs)
+        metric_scores = {name: _method_scores(metric, predictions, held_out, folds) for name, metric in metrics.items()}
+        self.spec_ = replace(
+            spec,
+            objective=self.objective_,
+            per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, chosen.per_class(predictions["hcpl"]),
+                                                             strict=True)},
+            scores=metric_scores[self.objective_],
+            metric_scores=metric_scores,
+            greedy=greedy_result,
+            nested_predictions=None if held_out is None else oof.index.assign(
+                **dict(zip(CELL_COLUMNS, held_out["hcpl"]))),
+        )
+        self.scores_ = self.spec_.scores
+        return self
+
+    def predict(self, predictions: OOFSet | Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+        """The ensemble's per-cell probabilities on new predictions (:func:`apply_spec` of ``spec_``)."""
+        check_is_fitted(self, "spec_")
+        return apply_spec(self.spec_, predictions)
+
+
+def select_ensemble(oof: OOFSet | Mapping[str, pd.DataFrame], labels: pd.DataFrame | np.ndarray, *,
+                    tags: Mapping[str, Mapping[str, str]] | None = None, **params) -> EnsembleSpec:
+    """``HCPLSelector(**params).fit(oof, labels, tags).spec_``: the selection as one call.
+
+    Parameters are those of :class:`HCPLSelector` and of its ``fit``.
+
     Returns
     -------
     EnsembleSpec
-        Fitted on all folds; ``scores`` holds in-sample and, with ``nested``, out-of-sample
-        scores under the objective (``metric_scores`` under each metric) of ``hcpl`` (this recipe), ``hcpl_unfused`` (the same members, cell stream only, which
-        shows what fusion adds), ``best_single``, ``mean_all`` and ``greedy``. The baselines
-        combine cell streams only (no image-stream fusion). When every fold makes the same
-        choices as the full fit, the pooled out-of-sample mAP equals the in-sample one.
-
-    Raises
-    ------
-    ValueError
-        On misaligned or invalid inputs (see :class:`~ensemble.selectors.oof.OOFSet`), on fusion
-        asked without an image stream or, for ``fit``, without cell-level truth, and on
-        ``nested`` with fewer than two folds.
+        ``spec_`` (see :class:`HCPLSelector`).
     """
-    oof = oof if isinstance(oof, OOFSet) else OOFSet.from_frames(oof, tags)
-    targets = align_labels(labels, oof)
-    settings = _Settings(correlation, threshold, blocks_by_kind, prune, fusion, rho_th, override_margin,
-                         dict(weights or {}), aggregation, image_models, objective)
-    _check_settings(settings, oof, targets)
-    greedy_params = GreedyParams() if greedy is True else (greedy or None)
-    folds = oof.fold_slices()
-    if nested and len(folds) < 2:
-        raise ValueError(f"nested scoring needs at least 2 folds; the OOF has {len(folds)}")
-    metrics = _objectives(targets, oof.index["image_id"].to_numpy())
-    if objective not in metrics:
-        warnings.warn("the labels hold no cell-level truth, so the competition's ranking within images is empty: "
-                      "selecting on cell mAP", stacklevel=2)
-        settings = replace(settings, objective="cell")
-    chosen = metrics[settings.objective]
-
-    logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
-    moments = prediction_moments(oof, chunk_rows=chunk_rows)
-    everything = slice(0, oof.n_cells)
-    spec = _fit(oof, targets, chosen, moments, everything, None, settings, n_jobs)
-    baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, n_jobs)
-    predictions = {"hcpl": _predict(spec, oof, everything), "hcpl_unfused": _predict(spec, oof, everything, fused=False)}
-    predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
-    held_out = None
-    if nested:
-        held_out = _nested_predictions(oof, targets, chosen, moments, settings, greedy_params, list(predictions),
-                                       n_jobs)
-    metric_scores = {name: _method_scores(metric, predictions, held_out, folds) for name, metric in metrics.items()}
-    return replace(
-        spec,
-        objective=settings.objective,
-        per_class_ap={name: float(v) for name, v in zip(CLASS_NAMES, chosen.per_class(predictions["hcpl"]),
-                                                         strict=True)},
-        scores=metric_scores[settings.objective],
-        metric_scores=metric_scores,
-        greedy=greedy_result,
-        nested_predictions=None if held_out is None else oof.index.assign(**dict(zip(CELL_COLUMNS, held_out["hcpl"]))),
-    )
+    return HCPLSelector(**params).fit(oof, labels, tags).spec_
 
 
 def _objectives(targets: Targets, image_ids: np.ndarray) -> dict[str, Objective]:
@@ -202,43 +229,6 @@ def _objectives(targets: Targets, image_ids: np.ndarray) -> dict[str, Objective]
     return {name: metrics[name] for name in OBJECTIVES if name in metrics}
 
 
-def apply_spec(spec: EnsembleSpec, predictions: OOFSet | Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """The ensemble's per-cell probabilities: aggregation of the members, then fusion.
-
-    A pure function of the spec and the members' predictions, used on OOF and on new images alike.
-
-    Parameters
-    ----------
-    spec : EnsembleSpec
-    predictions : OOFSet or mapping of model name to table
-        At least the members' ``cell_0..cell_18`` and, for the image models, ``image_0..image_18``
-        (``fold`` is not needed); other models are ignored.
-
-    Returns
-    -------
-    DataFrame
-        ``image_id, cell_id`` (and ``fold`` if known) and ``cell_0..cell_18``, one row per cell.
-        Visual-integrity weighting, when ``spec.integrity_weighting`` is on, is applied on top
-        by the caller.
-    """
-    members = [m for group in spec.groups.values() for m in group]
-    image_models = spec.image_models if _uses_image(spec) else []
-    if not isinstance(predictions, OOFSet):
-        needed = dict.fromkeys([*members, *image_models])
-        absent = [m for m in needed if m not in predictions]
-        if absent:
-            raise ValueError(f"predictions lack the ensemble's models {absent}")
-        predictions = OOFSet.from_frames({m: predictions[m] for m in needed}, require_fold=False)
-    absent = [m for m in members if m not in predictions.cell]
-    if absent:
-        raise ValueError(f"predictions lack the ensemble's members {absent}")
-    absent = [m for m in image_models if m not in predictions.image]
-    if absent:
-        raise ValueError(f"predictions of {absent} lack the image stream (image_0..image_18) that fusion needs")
-    fused = _predict(spec, predictions, slice(0, predictions.n_cells))
-    return pd.concat([predictions.index, pd.DataFrame(dict(zip(CELL_COLUMNS, fused, strict=True)))], axis=1)
-
-
 def _fit(
     oof: OOFSet,
     targets: Targets,
@@ -246,7 +236,7 @@ def _fit(
     moments: PredictionMoments,
     rows: slice | np.ndarray,
     exclude_fold: int | None,
-    settings: _Settings,
+    settings: HCPLSelector,
     n_jobs: int | None,
 ) -> EnsembleSpec:
     """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
@@ -265,7 +255,7 @@ def _fit(
     if settings.prune:
         members, pruned = _prune(members, model_map, oof, objective, rows, settings)
     chosen = list(members.values())
-    weights = {m: float(settings.weights.get(m, 1.0)) for m in chosen}
+    weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in chosen}
     groups = _groups(chosen, oof, settings.aggregation)
     cell = aggregate({m: oof.cell[m][:, rows] for m in chosen}, groups, weights)
 
@@ -278,7 +268,7 @@ def _fit(
         image = aggregate(
             {m: oof.image[m][:, rows] for m in image_models},
             {"image": image_models},
-            _image_weights(settings.weights, image_models),
+            image_weights(settings.weights or {}, image_models),
         )
         statistics = {"all": stream_correlation(image, cell),
                       "labelled": stream_correlation(image, cell, within=carried_by_image(
@@ -353,7 +343,7 @@ def _prune(
     oof: OOFSet,
     objective: Objective,
     rows: slice | np.ndarray,
-    settings: _Settings,
+    settings: HCPLSelector,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Keep a block's member only if it raises the aggregated cell stream's score on ``rows``
     (``objective``, already restricted to them).
@@ -366,7 +356,7 @@ def _prune(
     best = model_map[members[order[0]]]
     for block in order[1:]:
         trial = [*kept.values(), members[block]]
-        weights = {m: float(settings.weights.get(m, 1.0)) for m in trial}
+        weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in trial}
         cell = aggregate({m: oof.cell[m][:, rows] for m in trial}, _groups(trial, oof, settings.aggregation), weights)
         score = objective.map(cell)
         if score > best:
@@ -374,22 +364,6 @@ def _prune(
         else:
             pruned[block] = f"adding {members[block]} gives mAP {score:.4f}, not above {best:.4f}"
     return {b: kept[b] for b in members if b in kept}, pruned
-
-
-def _predict(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fused: bool = True) -> np.ndarray:
-    """Aggregate and (unless ``fused`` is False) fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
-    members = [m for group in spec.groups.values() for m in group]
-    cell = aggregate({m: oof.cell[m][:, rows] for m in members}, spec.groups, spec.weights)
-    if not fused:
-        return cell
-    image = None
-    if _uses_image(spec):
-        image = aggregate(
-            {m: oof.image[m][:, rows] for m in spec.image_models},
-            {"image": spec.image_models},
-            _image_weights(spec.weights, spec.image_models),
-        )
-    return fuse(cell, image, spec.fusion)
 
 
 def _fit_baselines(
@@ -427,7 +401,7 @@ def _nested_predictions(
     targets: Targets,
     objective: Objective,
     moments: PredictionMoments,
-    settings: _Settings,
+    settings: HCPLSelector,
     greedy_params: GreedyParams | None,
     methods: list[str],
     n_jobs: int | None,
@@ -440,8 +414,8 @@ def _nested_predictions(
         train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
         spec = _fit(oof, targets, objective, moments, train, fold, settings, n_jobs)
         baselines, _ = _fit_baselines(oof, objective, spec, train, greedy_params, n_jobs)
-        held_out["hcpl"][:, rows] = _predict(spec, oof, rows)
-        held_out["hcpl_unfused"][:, rows] = _predict(spec, oof, rows, fused=False)
+        held_out["hcpl"][:, rows] = predict_rows(spec, oof, rows)
+        held_out["hcpl_unfused"][:, rows] = predict_rows(spec, oof, rows, fused=False)
         for method, weights in baselines.items():
             held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
     return held_out
@@ -475,15 +449,7 @@ def _method_scores(metric: Objective, predictions: Mapping[str, np.ndarray],
     return out
 
 
-def _image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
-    return {m: float(weights.get(m, 1.0)) for m in image_models}
-
-
-def _uses_image(spec: EnsembleSpec) -> bool:
-    return any(rule.rule == "product" for rule in spec.fusion.values())
-
-
-def _check_settings(settings: _Settings, oof: OOFSet, targets: Targets) -> None:
+def _check_settings(settings: HCPLSelector, oof: OOFSet, targets: Targets) -> None:
     if settings.fusion not in FUSION_MODES:
         raise ValueError(f"fusion must be one of {FUSION_MODES}; got {settings.fusion!r}")
     if settings.correlation not in CORRELATIONS:
@@ -496,8 +462,9 @@ def _check_settings(settings: _Settings, oof: OOFSet, targets: Targets) -> None:
         raise ValueError(f"objective must be one of {OBJECTIVES}; got {settings.objective!r}")
     if settings.override_margin < 0:
         raise ValueError(f"override_margin must be >= 0; got {settings.override_margin}")
-    unknown = [m for m in settings.weights if m not in oof.cell]
-    if unknown or any(w <= 0 for w in settings.weights.values()):
+    weights = settings.weights or {}
+    unknown = [m for m in weights if m not in oof.cell]
+    if unknown or any(w <= 0 for w in weights.values()):
         raise ValueError(f"weights must be positive and name known models; unknown: {unknown}")
     if not targets.truth.any():
         raise ValueError("labels have no positive cell in any class")
