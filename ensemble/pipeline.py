@@ -9,7 +9,6 @@ earlier call finished, so re-running after an interruption resumes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -24,13 +23,14 @@ from ensemble.checks import data_notes
 from ensemble.cluster import check_jobs_fit, check_shared, cluster_shape, default_concurrency
 from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.data.store_build import PrepareReport, prepare
-from ensemble.integrity import IntegrityCV, IntegrityModel, cross_validate_integrity
+from ensemble.integrity import IntegrityCV
+from ensemble.integrity.remote import fit_integrity
 from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
 from ensemble.registry import member_checkpoints, needed_models, register_ensemble
 from ensemble.selectors import EnsembleSpec, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
 from ensemble.serving import Preprocessing
-from ensemble.storage import exists, join, read_bytes, read_parquet, write_bytes, write_parquet
+from ensemble.storage import join, write_bytes
 from ensemble.trainers.fit import RunContext
 from ensemble.trainers.relabel import RoundResult, cra_rounds, zoo_trainer
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
@@ -199,21 +199,9 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
     kept under ``{workdir}/integrity``.
     """
     settings = zoo.integrity
-    params = dict(backbone=settings.backbone, pretrained=settings.pretrained, epochs=settings.epochs,
-                  rule=settings.rule)
     store = CellStore(store_uri(workdir))
-    root = join(workdir, "integrity")
-    cv_uri, model_uri = join(root, "heldout.parquet"), join(root, "model")
-    if exists(cv_uri):
-        cv = IntegrityCV(scores=read_parquet(join(root, "scores.parquet")), cells=read_parquet(cv_uri),
-                         capture_accuracy=json.loads(read_bytes(join(root, "capture.json")))["accuracy"])
-    else:
-        cv = cross_validate_integrity(store, n_splits=settings.cv_splits, labels_csv=settings.labels_csv, **params)
-        write_parquet(cv.scores, join(root, "scores.parquet"))
-        write_bytes(json.dumps({"accuracy": cv.capture_accuracy}).encode(), join(root, "capture.json"))
-        write_parquet(cv.cells, cv_uri)  # last: its presence marks the step done
-    if not exists(join(model_uri, "config.json")):
-        IntegrityModel(**params).fit(store, labels_csv=settings.labels_csv).save(model_uri)
+    # A Ray task with the zoo's placement: a GPU worker on a cluster, not the head's CPU.
+    cv, model_uri = fit_integrity(store_uri(workdir), join(workdir, "integrity"), settings, zoo.placement)
     fused = spec.nested_predictions if spec.nested_predictions is not None else apply_spec(spec, oof)
     weights = cv.cells.set_index(KEYS)[f"w_{settings.rule}"]
     # Cells without a good/bad label were not held out: they keep weight 1.

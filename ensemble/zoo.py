@@ -234,6 +234,8 @@ class Zoo:
     """A named set of model specs trained on the same cell store and folds.
 
     ``cell_size`` is the side of the store's crops; each model may see them resized to its own.
+    ``placement`` is the zoo's own ``placement:`` section (each model's default): where the VID,
+    which belongs to no model, trains.
     """
 
     name: str
@@ -243,6 +245,7 @@ class Zoo:
     source: str = ""
     relabel: RelabelSettings = field(default_factory=RelabelSettings)
     integrity: IntegritySettings = field(default_factory=IntegritySettings)
+    placement: Placement = field(default_factory=Placement)
 
     def model(self, name: str) -> ModelSpec:
         for spec in self.models:
@@ -352,7 +355,8 @@ def load_zoo(name_or_path: str | Path, overrides: dict | None = None) -> Zoo:
     return Zoo(name=data.get("name", path.stem), models=tuple(models), n_folds=n_folds, cell_size=cell_size,
                source=str(path),
                relabel=_build(RelabelSettings, data.get("relabel") or {}, f"{path}: relabel"),
-               integrity=_build(IntegritySettings, data.get("integrity") or {}, f"{path}: integrity"))
+               integrity=_build(IntegritySettings, data.get("integrity") or {}, f"{path}: integrity"),
+               placement=_build(Placement, defaults["placement"], f"{path}: placement"))
 
 
 def spec_params(spec: ModelSpec) -> dict[str, Any]:

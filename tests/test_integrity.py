@@ -118,3 +118,30 @@ def test_integrity_weight_rules():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="rule"):
         integrity_weight(good, capture, "max")
+
+
+def test_the_vid_trains_in_a_ray_task_with_the_zoos_placement_and_resumes(store, tmp_path):
+    """Not in the driver: one task asking the placement's CPUs; a second call finds the results."""
+    import time
+
+    import ray
+    from ray.util.state import list_tasks
+
+    from ensemble.integrity.remote import fit_integrity
+    from ensemble.zoo import IntegritySettings, Placement
+
+    settings = IntegritySettings(enabled=True, backbone="test_efficientnet", epochs=1, cv_splits=2)
+    cv, model_uri = fit_integrity(store.uri, str(tmp_path / "vid"), settings, Placement(cpus_per_worker=1))
+    deadline = time.monotonic() + 60
+    while True:  # Ray reports task events a second or so after they happen
+        ran = [t for t in list_tasks(address=ray.get_runtime_context().gcs_address, filters=[("name", "=", "_fit")],
+                                     detail=True) if t.state == "FINISHED"]
+        if ran or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(ran) == 1 and ran[0].required_resources == {"CPU": 1.0}
+    assert set(cv.cells["split"]) == {0, 1} and load_integrity(model_uri).backbone == "test_efficientnet"
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "vid").rglob("*") if p.is_file()}
+    again, _ = fit_integrity(store.uri, str(tmp_path / "vid"), settings, Placement(cpus_per_worker=1))
+    pd.testing.assert_frame_equal(again.cells, cv.cells)
+    assert {p: p.stat().st_mtime_ns for p in written} == written, "resumed from the files: nothing trained again"

@@ -157,14 +157,20 @@ class CaptureNet(nn.Module):
 
 
 def train_capture(net: CaptureNet, crops: np.ndarray, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-                  cuts_per_cell: int = 2, seed: int = 0) -> list[float]:
+                  cuts_per_cell: int = 2, seed: int = 0, device: str | torch.device | None = None) -> list[float]:
     """Train ``net`` in place on border cuts of whole-cell crops (Adam, cosine schedule, cross-entropy).
+
+    ``device``: where it trains, by default the GPU where there is one (a VID task placed on one,
+    :func:`ensemble.integrity.remote.fit_integrity`). The trained network is handed back on the
+    CPU, where it is saved and predicts from.
 
     Returns
     -------
     list of float
         Mean training loss of each epoch.
     """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(device)
     torch.manual_seed(seed)
     dataset = BorderCutDataset(crops, cuts_per_cell=cuts_per_cell, seed=seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
@@ -177,14 +183,14 @@ def train_capture(net: CaptureNet, crops: np.ndarray, epochs: int = 10, batch_si
         total, count = 0.0, 0
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                                 drop_last=len(dataset) > batch_size):
-            loss = F.cross_entropy(net(batch["image"]), batch["target"])
+            loss = F.cross_entropy(net(batch["image"].to(device)), batch["target"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, count = total + loss.item() * len(batch["target"]), count + len(batch["target"])
         scheduler.step()
         history.append(total / count)
-    net.eval()
+    net.cpu().eval()
     return history
 
 
