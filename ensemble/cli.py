@@ -1,9 +1,9 @@
 """The `ensemble` command line: each step of the pipeline as a subcommand.
 
-    ensemble simulate OUT --images 200 --seed 0
+    ensemble simulate OUT --images 200 --seed 0 [--kaggle]
     ensemble prepare DATA --out STORE --cell-size 64 --folds 3
     ensemble check --zoo quick [--space SPACE] [--sweep]   # validate, list the jobs; starts nothing
-    ensemble train-all [--zoo quick] [--data DATA] [--workdir runs] [--dry-run]
+    ensemble train-all [--zoo quick] [--data DATA] [--workdir runs] [--integrity on|off|auto] [--dry-run]
     ensemble sweep --model cla_resnet10t --samples 8
     ensemble select --store runs/store --oof-dir runs/oof
     ensemble register --experiment NAME --spec ensemble.json [--name hpa-ensemble]
