@@ -77,7 +77,8 @@ class Plan:
             lines.append(f"CRA before them: {zoo.relabel.rounds} rounds x {len(dsas)} DSA models x {zoo.n_folds} "
                          f"folds = {zoo.relabel.rounds * len(dsas) * zoo.n_folds} jobs")
         if zoo.integrity.enabled:
-            lines.append(f"VID after selection: capture CNN {zoo.integrity.backbone}, {zoo.integrity.cv_splits} splits")
+            lines.append(f"VID after selection: capture CNN {zoo.integrity.backbone}, {zoo.integrity.cv_splits} splits, "
+                         f"learning good and bad cells from {zoo.integrity.labels_csv or 'the cell truth'}")
         if self.cluster:
             lines.append(self.cluster)
         lines += self.notes
@@ -285,8 +286,8 @@ def resolve_integrity(zoo: Zoo, data: str | None, mode: str = "auto") -> tuple[Z
     zoo : Zoo
         ``zoo.integrity.enabled`` set to what the run will do.
     note : str or None
-        Why the VID is off where the zoo or ``mode`` asked for it, or which labels it learns from
-        (None when nothing asked for it).
+        Why the VID is off where the zoo enables it and ``mode`` is ``auto``, with the fix (None
+        when it runs as asked).
 
     Raises
     ------
@@ -311,10 +312,8 @@ def resolve_integrity(zoo: Zoo, data: str | None, mode: str = "auto") -> tuple[Z
             raise ValueError(f"--integrity on: the VID learns from good and bad cells and {data} has no cell truth "
                              f"(truth/cell_labels.csv): {fix}, or run with --integrity off")
         note = f"VID off: zoo {zoo.name} enables it but {data} has no cell truth; {fix}, or --integrity off to say so"
-    elif wanted:
-        note = f"VID on: it learns good and bad cells from {source}"
     else:
-        note = "VID off (--integrity off)" if mode == "off" and zoo.integrity.enabled else None
+        note = None
     enabled = wanted and source is not None
     return dataclasses.replace(zoo, integrity=dataclasses.replace(zoo.integrity, enabled=enabled)), note
 
@@ -361,7 +360,9 @@ def check_training(zoo: Zoo, *, sweep: bool = False, space: str | None = None, d
     # The dataset first: it costs a file listing, and the models' builds below take seconds.
     if data is not None:
         check_data(data)
-    zoo, notes = data_notes(zoo, data, integrity)
+    asked, (zoo, notes) = zoo.integrity.enabled, data_notes(zoo, data, integrity)
+    if asked and integrity == "off":
+        notes.append("VID off (--integrity off)")
     check_segmenter(segmenter, segmenter_settings or {})
     check_zoo(zoo)
     spaces = check_spaces(zoo, space) if sweep or space else {}

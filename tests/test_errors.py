@@ -184,7 +184,7 @@ def kaggle_data(tmp_path_factory) -> Path:
     ("off", None, 0, "VID off (--integrity off)"),
     ("on", None, 2, "--integrity on: the VID learns from good and bad cells and {data} has no cell truth "
                     "(truth/cell_labels.csv): give integrity.labels_csv"),
-    ("on", "image_id,cell_id,good\n", 0, "VID on: it learns good and bad cells from {labels}"),
+    ("on", "image_id,cell_id,good\n", 0, "splits, learning good and bad cells from {labels}"),
     ("auto", "image_id,cell,good\n", 2, "{zoo}: integrity.labels_csv: {labels} needs the columns "
                                          "image_id,cell_id,good; its header lacks ['cell_id']"),
 ])
