@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     local = CellStore(path)
     rows = np.flatnonzero(local.cells["fold"].to_numpy() != 0)  # a job's training folds
     hcpl = load_zoo("hcpl").model("cla_effb4")
-    spec = dataclasses.replace(hcpl, cell_size=args.cell_size, train=dataclasses.replace(hcpl.train, batch_size=args.batch),
+    spec = dataclasses.replace(hcpl, cell_size=args.cell_size,
+                               train=dataclasses.replace(hcpl.train, batch_size=args.batch),
                                placement=dataclasses.replace(hcpl.placement, loader_workers=args.workers, use_gpu=False))
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -190,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             "bucket + node cache": train_loader(CellStore(remote, shard_cache=cache), rows, spec, cpu),
         }
         results = {name: [] for name in inputs}  # per epoch: seconds, cells, requests, bytes
+        print(f"load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
         for epoch in range(args.epochs):
-            for name, loader in inputs.items():
+            # Every other epoch in reverse order, so that a load that drifts during an epoch
+            # favours no input.
+            for name, loader in list(inputs.items())[::1 if epoch % 2 == 0 else -1]:
                 start_epoch(loader, epoch)
                 requests, sent = server.counts()
                 started, cells = time.perf_counter(), 0
@@ -221,17 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     def rate(epochs) -> float:
         return sum(c for _, c, _, _ in epochs) / sum(s for s, _, _, _ in epochs)
 
+    def ratio(epochs) -> float:
+        """Median over the later epochs of cells/s against the memory input's in the same epoch."""
+        return float(np.median([(c / s) / (mc / ms) for (s, c, _, _), (ms, mc, _, _) in zip(epochs, memory[later])]))
+
     later = slice(1, None) if args.epochs > 1 else slice(None)  # epoch 0 starts workers (and fills the cache)
     baseline = rate(memory[later])
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nstore: {len(local)} cells of {len(np.unique(local.cells['image_id']))} images, {len(shards)} shards, "
           f"{args.cell_size} px; job's training rows {len(rows)}; {args.workers} loader workers, batch {args.batch}, "
           f"augment {spec.train.augment}; bucket delay {args.delay_ms:.0f} ms per request; {os.cpu_count()} CPUs")
-    print("| input | epoch 1 cells/s | later epochs cells/s | x memory (later) | requests per epoch (1st, later) "
-          "| MiB from the bucket per epoch (1st, later) |")
+    print("| input | epoch 1 cells/s | later epochs cells/s | x memory (median of later epochs) "
+          "| requests per epoch (1st, later) | MiB from the bucket per epoch (1st, later) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, epochs in results.items():
         first, rest = epochs[0], epochs[later]
-        print(f"| {name} | {first[1] / first[0]:.0f} | {rate(rest):.0f} | {rate(rest) / baseline:.2f} | "
+        print(f"| {name} | {first[1] / first[0]:.0f} | {rate(rest):.0f} | {ratio(rest):.2f} | "
               f"{first[2]}, {np.mean([e[2] for e in rest]):.0f} | {first[3] / 2**20:.0f}, "
               f"{np.mean([e[3] for e in rest]) / 2**20:.0f} |")
     if before:

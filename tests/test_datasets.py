@@ -241,7 +241,8 @@ def test_stream_gives_ranks_equal_steps_and_together_every_cell(store):
 
 def _range_server():
     """bench_ingest's HTTP server of a folder: range reads, a delay per request, requests and bytes counted."""
-    spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).parents[1] / "bench" / "bench_ingest.py")
+    path = Path(__file__).parents[1] / "bench" / "bench_ingest.py"
+    spec = importlib.util.spec_from_file_location("bench_ingest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.DelayedRangeServer

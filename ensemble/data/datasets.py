@@ -298,7 +298,8 @@ class CellStream(IterableDataset):
                  rank: int = 0, drop_last: bool = True, block_cells: int = 128, window_cells: int = 1024):
         if min(batch_size, block_cells, window_cells) < 1:
             raise ValueError("batch_size, block_cells and window_cells must be >= 1")
-        self.dataset, self.batch_size, self.seed, self.world_size, self.rank = dataset, batch_size, seed, world_size, rank
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.world_size, self.rank = world_size, rank
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # reaches persistent workers
         _, self._starts, self._counts = _image_runs(dataset.store, dataset.rows)
         bags = isinstance(dataset, BagDataset)
@@ -336,7 +337,8 @@ class CellStream(IterableDataset):
         blocks = np.random.default_rng([self.seed, epoch]).permutation(len(self._blocks))
         items = np.concatenate([self._blocks[b] for b in blocks]) if len(blocks) else np.zeros(0, np.int64)
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        return np.resize(items, self.per_rank * self.world_size)[mine]  # repeats from the start: DistributedSampler's padding
+        # np.resize repeats from the start: DistributedSampler's padding.
+        return np.resize(items, self.per_rank * self.world_size)[mine]
 
     def _cells(self, items: np.ndarray) -> np.ndarray:
         """Sorted positions (in ``dataset.rows``) of the cells that ``items`` need."""

@@ -203,12 +203,13 @@ class CellStore:
         path = shard_path(self._path, shard)
         _, starts, ends = merge_offset_ranges([path] * len(wanted), (offset + wanted * size).tolist(),
                                               (offset + (wanted + 1) * size).tolist(), max_gap=GAP_BYTES, sort=False)
-        blobs = self._fs.cat_ranges([path] * len(starts), starts, ends)
-        firsts = (np.array(starts) - offset) // size  # first row of each range
-        data = np.frombuffer(b"".join(blobs), dtype=self.meta["dtype"]).reshape(-1, *cell_shape)
-        run = np.searchsorted(firsts, rows, side="right") - 1
-        base = np.r_[0, np.cumsum((np.array(ends) - np.array(starts)) // size)[:-1]]
-        return data[base[run] + rows - firsts[run]]
+        out = np.empty((len(rows), *cell_shape), dtype=self.meta["dtype"])
+        for start, blob in zip(starts, self._fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")):
+            first = (start - offset) // size
+            block = np.frombuffer(blob, dtype=out.dtype).reshape(-1, *cell_shape)
+            inside = np.flatnonzero((rows >= first) & (rows < first + len(block)))
+            out[inside] = block[rows[inside] - first]  # each byte copied once, from the response into place
+        return out
 
     def _open(self, shard: int):
         """A memmap for a local (or cached) shard; for a remote one, the data offset and cell shape."""
