@@ -106,6 +106,9 @@ def greedy_selection(
     if predictions.shape[0] != len(models):
         raise ValueError(f"{predictions.shape[0]} predictions for {len(models)} model names")
     rng = np.random.default_rng(params.random_state)
+    # AP reads only each class's ranked cells (all cells, or for the competition's objective
+    # those of the images carrying the class); hill-climbing adds those alone, gathered once.
+    predictions = np.stack([objective.ranked_values(p) for p in predictions])
     single = objective.map_many(predictions, n_jobs)
     bag_size = max(1, round(params.bag_fraction * len(models)))
     counts, history = [], []
@@ -133,5 +136,5 @@ def greedy_selection(
         weights={m: float(w) for m, w in zip(models, shares, strict=True) if w > 0},
         bags=[{m: int(c) for m, c in zip(models, count, strict=True) if c > 0} for count in counts],
         history=history,
-        sample_rows=int(predictions.shape[2]),
+        sample_rows=int(objective.truth.shape[1]),
     )

@@ -4,18 +4,21 @@ Selection scores thousands of predictions (every model, every outer fold, every 
 up to about a million cells. ``sklearn.metrics.average_precision_score`` builds a full
 precision-recall curve from a stable argsort of all scores per class; AP needs less: for each
 positive, how many positives and how many negatives score at least as high. Sorting the positives
-and the negatives apart (unstable ``np.sort``) and one binary search give that about 2-3 times
-faster, with the same value (the test suite checks it against sklearn, ties included).
+and the negatives apart (unstable, SIMD ``np.sort``) and one binary search give that about 2-3
+times faster, with the same value (the test suite checks it against sklearn, ties included).
 ``ensemble.metrics.cell_map`` is the reference metric for reports outside selection.
 
 :class:`Objective` binds a metric to the OOF rows' labels: cell mAP, or an OOF estimate of the
-competition's metric (each class ranked within the images that carry it).
+competition's metric (each class ranked within the images that carry it). It finds each class's
+positive and negative cells once, not per score, and greedy search hill-climbs on the scores of
+those cells alone (:meth:`Objective.ranked_values`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -46,22 +49,74 @@ def average_precision(truth: np.ndarray, score: np.ndarray, ranked: np.ndarray |
         AP per class; NaN for a class without positives.
     """
     truth = np.asarray(truth, dtype=bool)
-    score = np.asarray(score)
-    if truth.shape != score.shape or truth.ndim != 2:
-        raise ValueError(f"truth {truth.shape} and score {score.shape} must be the same (n_classes, n_cells)")
+    if truth.ndim != 2:
+        raise ValueError(f"truth {truth.shape} must be (n_classes, n_cells)")
     if ranked is not None and ranked.shape != truth.shape:
         raise ValueError(f"ranked {ranked.shape} must have the shape of truth {truth.shape}")
-    out = np.full(truth.shape[0], np.nan)
-    for k in range(truth.shape[0]):
-        positive, negative = truth[k], ~truth[k]
-        if ranked is not None:
-            positive, negative = positive & ranked[k], negative & ranked[k]
-        out[k] = _class_ap(score[k][positive], score[k][negative])
-    return out
+    return _Ranking(truth, ranked).per_class(np.asarray(score))
+
+
+def mean_average_precision(truth: np.ndarray, score: np.ndarray) -> float:
+    """Mean of :func:`average_precision` over the classes that have positives (NaN if none has)."""
+    return Objective("cell", np.asarray(truth, dtype=bool)).map(np.asarray(score))
+
+
+class _Ranking:
+    """What AP needs of the labels, prepared once for many scores: per class, which cells rank
+    as positives and which as negatives.
+
+    Each class's positives' scores, then its negatives', class after class, are the *ranked
+    values* of a score (:meth:`ranked_values`); AP needs nothing else of it.
+
+    Parameters
+    ----------
+    truth : ndarray of bool, shape (n_classes, n_cells)
+    ranked : ndarray of bool, shape (n_classes, n_cells), or None (every cell)
+    """
+
+    def __init__(self, truth: np.ndarray, ranked: np.ndarray | None):
+        self.shape = truth.shape
+        self.positive = truth if ranked is None else truth & ranked
+        self.negative = ~truth if ranked is None else ~truth & ranked
+        self.n_positive = self.positive.sum(axis=1)
+        self.offsets = np.r_[0, np.cumsum(self.n_positive + self.negative.sum(axis=1))]
+
+    def ranked_values(self, score: np.ndarray) -> np.ndarray:
+        """Per class, the scores of its positives, then of its negatives, class after class: 1-D."""
+        self._check(score, self.shape)
+        values = np.empty(self.offsets[-1], dtype=score.dtype)
+        for k in range(self.shape[0]):
+            middle = self.offsets[k] + self.n_positive[k]
+            values[self.offsets[k] : middle] = score[k][self.positive[k]]
+            values[middle : self.offsets[k + 1]] = score[k][self.negative[k]]
+        return values
+
+    def per_class(self, score: np.ndarray) -> np.ndarray:
+        """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values` (1-D)."""
+        ranked = score.ndim == 1
+        self._check(score, (self.offsets[-1],) if ranked else self.shape)
+        out = np.full(self.shape[0], np.nan)
+        for k in range(self.shape[0]):
+            if ranked:
+                middle = self.offsets[k] + self.n_positive[k]
+                positives, negatives = score[self.offsets[k] : middle], score[middle : self.offsets[k + 1]]
+            else:
+                positives, negatives = score[k][self.positive[k]], score[k][self.negative[k]]
+            out[k] = _class_ap(positives, negatives)
+        return out
+
+    @staticmethod
+    def _check(score: np.ndarray, shape: tuple[int, ...]) -> None:
+        if score.shape != shape:
+            raise ValueError(f"score {score.shape} must be {shape}: (n_classes, n_cells) as truth, or ranked values")
 
 
 def _class_ap(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """AP of one class from its positives' and negatives' scores (NaN without positives)."""
+    """AP of one class from its positives' and negatives' scores (NaN without positives).
+
+    Sorting the positives and the negatives apart (unstable, SIMD ``np.sort``) and one binary
+    search give, for each positive, the positives and the negatives that score at least as high.
+    """
     positives = np.sort(positive_scores)
     n_pos = positives.size
     if n_pos == 0:
@@ -73,35 +128,6 @@ def _class_ap(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float
     negatives = np.sort(negative_scores)
     neg_at_or_above = negatives.size - np.searchsorted(negatives, positives, side="left")
     return float(np.mean(pos_at_or_above / (pos_at_or_above + neg_at_or_above)))
-
-
-def mean_average_precision(truth: np.ndarray, score: np.ndarray) -> float:
-    """Mean of :func:`average_precision` over the classes that have positives (NaN if none has)."""
-    per_class = average_precision(truth, score)
-    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
-
-
-def map_many(truth: np.ndarray, scores: Iterable[np.ndarray], n_jobs: int | None = None) -> np.ndarray:
-    """mAP of several predictions against the same truth, optionally on threads.
-
-    ``np.sort`` and ``np.searchsorted`` release the GIL, so threads (joblib's threading
-    backend, as scikit-learn uses for such loops) nearly double the speed on two cores without
-    copying the predictions into other processes.
-
-    Parameters
-    ----------
-    truth : ndarray of bool, shape (n_classes, n_cells)
-    scores : iterable of ndarray, shape (n_classes, n_cells)
-        Consumed lazily, so a generator can slice one model's rows at a time.
-    n_jobs : int, optional
-        Threads; ``None`` means 1, ``-1`` all cores.
-
-    Returns
-    -------
-    ndarray of float64, shape (n_predictions,)
-    """
-    results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(mean_average_precision)(truth, s) for s in scores)
-    return np.asarray(results, dtype=np.float64)
 
 
 OBJECTIVES = ("competition", "cell")
@@ -121,6 +147,8 @@ class Objective:
     prediction matched against recall. On OOF rows every cell is a segmented one, so a missed true
     cell would only scale a class's AP by a constant that no choice of selection changes; it is
     left out.
+
+    Scoring methods take a prediction (n_classes, n_cells) or its :meth:`ranked_values`.
 
     Attributes
     ----------
@@ -144,13 +172,25 @@ class Objective:
             return cls(kind, truth)
         return cls(kind, truth, carried_by_image(truth, image_ids))
 
+    @cached_property
+    def _ranking(self) -> _Ranking:
+        # Built on first use and kept: greedy and pruning score many predictions on the same rows.
+        return _Ranking(self.truth, self.ranked)
+
     def on(self, rows: slice | np.ndarray) -> Objective:
         """The same objective on a subset of the rows (a slice, indices or a boolean mask)."""
         return Objective(self.kind, self.truth[:, rows], None if self.ranked is None else self.ranked[:, rows])
 
+    def ranked_values(self, score: np.ndarray) -> np.ndarray:
+        """The scores that AP reads of ``score`` (n_classes, n_cells): each class's ranked cells,
+        class after class (1-D). Sums of predictions and their ranked values commute, so a search
+        that adds predictions (greedy) can add these, fewer, instead."""
+        return self._ranking.ranked_values(score)
+
     def per_class(self, score: np.ndarray) -> np.ndarray:
-        """AP per class of ``score`` (n_classes, n_cells); NaN for a class without positives."""
-        return average_precision(self.truth, score, self.ranked)
+        """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values`; NaN for
+        a class without positives."""
+        return self._ranking.per_class(score)
 
     def map(self, score: np.ndarray) -> float:
         """Mean of :meth:`per_class` over the classes with positives (NaN if none has)."""
@@ -158,7 +198,14 @@ class Objective:
         return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
 
     def map_many(self, scores: Iterable[np.ndarray], n_jobs: int | None = None) -> np.ndarray:
-        """:meth:`map` of several predictions, optionally on threads (see :func:`map_many`)."""
+        """:meth:`map` of several predictions, optionally on threads.
+
+        ``np.sort`` and ``np.searchsorted`` release the GIL, so threads (joblib's threading
+        backend, as scikit-learn uses for such loops) nearly double the speed on two cores without
+        copying the predictions into other processes. ``scores`` is consumed lazily, so a
+        generator can slice one model's rows at a time.
+        """
+        _ = self._ranking  # built once, before the threads
         results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(self.map)(s) for s in scores)
         return np.asarray(results, dtype=np.float64)
 
