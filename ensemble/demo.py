@@ -1,7 +1,7 @@
 """The demo: train-all on a simulated dataset, then the registered ensemble scored on unseen images.
 
 ``make demo`` (``ensemble demo``) runs :func:`run_demo`: the same chain as ``train_all.py`` on its
-built-in default, then the champion predicts simulated test images of another seed and is scored
+built-in default, then the ensemble it registered predicts simulated test images of another seed and is scored
 with the competition metric beside each of its member networks alone, and against the best of them
 with an interval from the choice of test images (:func:`~ensemble.evaluate.compare`). Re-running
 skips every finished step.
@@ -93,7 +93,9 @@ def run_demo(out: str | Path = "demo", *, images: int = 240, image_px: int = 384
     if not (test_root / "test.csv").exists():
         simulate(test_root, n_images=test_images, seed=TEST_SEED + seed, size=image_px, difficulty=difficulty,
                  split="test")
-    predictions = predict_images("models:/hpa-ensemble@champion", str(test_root), split="test",
+    # The version this run registered: on a re-run with other data it need not be the champion.
+    version = pipeline.model_version
+    predictions = predict_images(f"models:/{version.name}/{version.version}", str(test_root), split="test",
                                  out=str(out / "test_predictions.parquet"), members=True)
     rows = {"ensemble": evaluate(predictions.out, str(test_root), plot=out / "test_per_class.png")}
     for member in prediction_members(predictions.out):
