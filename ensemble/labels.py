@@ -30,7 +30,7 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 NEGATIVE = 18
 
-# In-memory channel order everywhere (DESIGN.md): microtubules, protein, nucleus, ER.
+# In-memory channel order everywhere: microtubules, protein, nucleus, ER.
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 
 

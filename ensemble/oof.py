@@ -3,7 +3,7 @@
 Every part that writes or reads per-cell predictions or labels (training jobs, selection,
 serving, evaluation) takes its column names from here, so they cannot drift apart.
 
-Contract (DESIGN.md, "OOF predictions"): per model one table with columns ``image_id, cell_id,
+Contract: per model one table with columns ``image_id, cell_id,
 fold, cell_0..cell_18`` (probabilities) and, for heads with an image stream (DSA),
 ``image_0..image_18``. Every cell of every training image appears exactly once. Predictions on
 new images follow the same layout without ``fold``.
@@ -112,7 +112,7 @@ class OOFSet:
         *,
         require_fold: bool = True,
     ) -> OOFSet:
-        """Validate and align per-model tables (DESIGN.md contract).
+        """Validate and align per-model tables (the contract in this module's docstring).
 
         Parameters
         ----------

@@ -2,7 +2,7 @@
 
 Every path the package reads or writes (dataset, masks, truth, cell store, workdir, checkpoints,
 OOF tables, specs, predictions, plots) goes through here, so a multi-node run shares them through
-a bucket (DESIGN.md). Object stores are reached with the settings their fsspec package reads from
+a bucket. Object stores are reached with the settings their fsspec package reads from
 the environment (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ... as boto does), and Ray
 Train gets the same filesystem (:func:`arrow_filesystem`), so every part sees the same bucket.
 
@@ -50,7 +50,7 @@ def filesystem(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
 def arrow_filesystem(uri: str):
     """``(filesystem, path)`` for pyarrow users (Ray Train's ``storage_filesystem``), or ``(None, uri)``.
 
-    pyarrow's own S3 client ignores ``AWS_ENDPOINT_URL`` (STACK.md), so a remote URL is served
+    pyarrow's own S3 client ignores ``AWS_ENDPOINT_URL``, so a remote URL is served
     through the same fsspec filesystem every other part of the package uses.
     """
     if is_local(uri):

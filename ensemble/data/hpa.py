@@ -1,6 +1,6 @@
 """Read a dataset in the Kaggle/HPA layout: the label index, the 4-channel images, masks and truth.
 
-Layout (DESIGN.md, "Input dataset")::
+Layout (the Kaggle competition's, plus the optional masks and truth)::
 
     ROOT/train.csv                          ID,Label   (Label: "|"-separated class ids 0..18)
     ROOT/{split}/{ID}_{red,green,blue,yellow}.png   8- or 16-bit grayscale, all four the same size
