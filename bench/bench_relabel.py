@@ -3,14 +3,15 @@
 Per difficulty: a simulated dataset with cell truth and its cell store (shared with bench_vid),
 a small zoo (one DSA and one CLA on the same backbone) written to a YAML file, then
 
-1. ``cra_rounds``: train the DSA on the weak labels (3 folds, OOF), re-label, retrain on the new
-   labels, re-label again;
-2. train the CLA on the weak labels and on the last round's labels.
+1. ``cra_rounds``, nested in the 3 folds: for each outer fold, train the DSA on the weak labels
+   of the other folds (inner OOF), re-label them, retrain on the new labels, re-label again;
+2. train the CLA on the weak labels and, each fold, on its outer fold's last labels.
 
-Printed per label version: its AP against the cell truth (:func:`label_quality`), its Brier score
-on the image's classes (mean squared error against the truth; the AP is blind to beta because
-``c -> c ** beta`` keeps each class's ranking, the Brier score is not), and the OOF cell mAP of
-the DSA and the CLA trained on it. Trained jobs are kept in the work directory: a re-run resumes.
+Printed per round's labels: their AP against the cell truth (:func:`label_quality`), their Brier
+score on the image's classes (mean squared error against the truth; the AP is blind to beta
+because ``c -> c ** beta`` keeps each class's ranking, the Brier score is not), both on the cells
+each outer fold's models train on and averaged over the outer folds, and the OOF cell mAP of the
+DSA and the CLA trained on them. Trained jobs are kept in the work directory: a re-run resumes.
 
     python bench/bench_relabel.py --difficulties medium     # ~15 min per difficulty on 2 busy cores
     python bench/bench_relabel.py --images 80 --dsa-epochs 4 --cla-epochs 4 --backbone test_resnet
@@ -29,8 +30,10 @@ import torch
 
 from bench_vid import machine, markdown, simulated_store
 from ensemble.data.store import CellStore
-from ensemble.trainers.relabel import (DEFAULT_BETA, combined_confidence, cra_rounds, label_quality, oof_maps,
-                                       power_normalise, zoo_trainer)
+from ensemble.storage import join
+from ensemble.trainers.relabel import (DEFAULT_BETA, combined_confidence, cra_rounds, fold_specs, nested_trainer,
+                                       oof_maps, power_normalise, relabelled_zoo, zoo_trainer)
+from ensemble.trainers.zoo import train_zoo
 from ensemble.zoo import load_zoo
 
 BETAS = (0.25, 0.5, 1.0, 2.0)
@@ -69,12 +72,19 @@ def write_zoo(path: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def brier(store: CellStore, labels: np.ndarray) -> float:
-    """Mean squared error of labels against the cell truth, over matched cells and the image's classes."""
-    truth, weak = store.labels("truth"), store.labels("weak")
+def brier(store: CellStore, labels: np.ndarray, rows: np.ndarray) -> float:
+    """Mean squared error of the labels of store ``rows`` against the cell truth, over matched cells and the
+    image's classes."""
+    truth, weak = store.labels("truth")[rows], store.labels("weak")[rows]
     known = ~np.isnan(truth).any(axis=1)
     on = (weak > 0) & known[:, None]
     return float(np.mean((labels[on] - truth[on]) ** 2))
+
+
+def outer_mean(store: CellStore, score) -> float:
+    """Mean over outer folds j of ``score(j, rows of the other folds)``."""
+    fold = store.cells["fold"].to_numpy()
+    return float(np.mean([score(j, np.flatnonzero(fold != j)) for j in np.unique(fold)]))
 
 
 def run_difficulty(args, difficulty: str) -> tuple[list[dict], list[dict]]:
@@ -84,21 +94,31 @@ def run_difficulty(args, difficulty: str) -> tuple[list[dict], list[dict]]:
     zoo = load_zoo(write_zoo(work / "zoo.yaml", args))
     tracking = f"sqlite:///{work}/mlflow.db"
     prefix = f"cra-b{args.beta:g}-"
-    rounds = cra_rounds(store, zoo_trainer(zoo, uri, str(work), tracking_uri=tracking, progress=False),
+    rounds = cra_rounds(store, nested_trainer(zoo, uri, str(work), tracking_uri=tracking, progress=False),
                         rounds=args.rounds, beta=args.beta, prefix=prefix)
-    final = rounds[-1].version
-    cla = {version: oof_maps(store, zoo_trainer(zoo, uri, str(work), heads=("cla",), tracking_uri=tracking,
-                                                progress=False)(version))["cla"]
-           for version in ("weak", final)}
+    final = rounds[-1]
+    weak_cla = zoo_trainer(zoo, uri, str(work), heads=("cla",), tracking_uri=tracking, progress=False)("weak")
+    cla_zoo = relabelled_zoo(zoo, final.version, heads=("cla",))
+    final_cla = train_zoo(cla_zoo, uri, join(str(work), f"labels-{final.version}"), tracking_uri=tracking,
+                          progress=False, specs=fold_specs(cla_zoo, final.versions)).oof
+    cla = {"weak": oof_maps(store, weak_cla)["cla"], final.version: oof_maps(store, final_cla)["cla"]}
     dsa = {r.trained_on: r.model_map["dsa"] for r in rounds}
-    rows = []
-    for version in ["weak", *(r.version for r in rounds)]:
-        rows.append({"difficulty": difficulty, "labels": version, "label AP vs truth": label_quality(store, version),
-                     "Brier (image classes)": brier(store, store.labels(version)),
-                     "DSA OOF mAP": dsa.get(version, "-"), "CLA OOF mAP": cla.get(version, "-")})
+    weak = store.labels("weak")
+    rows = [{"difficulty": difficulty, "labels": "weak", "label AP vs truth": rounds[0].trained_on_quality,
+             "Brier (image classes)": outer_mean(store, lambda j, rows: brier(store, weak[rows], rows))}]
+    for r in rounds:
+        rows.append({"difficulty": difficulty, "labels": r.version, "label AP vs truth": r.quality,
+                     "Brier (image classes)": outer_mean(
+                         store, lambda j, rows: brier(store, store.labels(r.versions[j])[rows], rows))})
+    for row in rows:
+        row.update({"DSA OOF mAP": dsa.get(row["labels"], "-"), "CLA OOF mAP": cla.get(row["labels"], "-")})
     # Beta changes the targets, not their ranking: the Brier score of round 1's labels per beta.
-    confidence = combined_confidence(store, rounds[0].oof) * store.labels("weak")
-    betas = [{"difficulty": difficulty, **{f"beta={b:g}": brier(store, power_normalise(confidence, b)) for b in BETAS}}]
+    def round_one(j: int, rows: np.ndarray, beta: float) -> float:
+        confidence = combined_confidence(store, rounds[0].oof[j], rows) * weak[rows]
+        return brier(store, power_normalise(confidence, beta), rows)
+
+    betas = [{"difficulty": difficulty,
+              **{f"beta={b:g}": outer_mean(store, lambda j, rows: round_one(j, rows, b)) for b in BETAS}}]
     return rows, betas
 
 

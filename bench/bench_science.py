@@ -9,7 +9,8 @@ over seeds, with the paper's figure beside each row:
 1. streams: each DSA's image stream, cell stream and fused output (their product), and the CLA
    of its backbone (OOF cell mAP, mean of the folds' held-out scores);
 2. CRA: each label version's AP against cell truth (weak, after round 1, after round 2), the
-   DSAs trained on each, and the CLAs on the weak and on the last labels;
+   DSAs trained on each, and the CLAs on the weak and on the last labels (CRA is nested in the
+   folds: a round's figures are means over the outer folds);
 3. VID: the ensemble's nested cell mAP without and with the held-out integrity weights, and the
    champion's test-image scores without and with them;
 4. selection: best single model, hcpl, greedy and the mean of all, nested (fold mean), and the
@@ -45,7 +46,7 @@ from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.pipeline import store_uri
 from ensemble.storage import read_parquet
-from ensemble.trainers.relabel import label_quality, zoo_trainer
+from ensemble.trainers.relabel import zoo_trainer
 from ensemble.zoo import load_zoo
 
 # The paper's figures (HCPL, mAP % on the HPA test set): Fig. 3a for streams and CRA, Fig. 5a for selection.
@@ -141,8 +142,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     clas = [m for m in base.models if m.head == "cla"]
     dsas = [m for m in base.models if m.head == "dsa"]
     zoo_trainer(base, store.uri, str(out), heads=("cla",), progress=False)("weak")  # CLAs on the weak labels
-    versions = ["weak"] + [r.version for r in pipeline.relabel]
-    final = versions[-1]
+    rounds = pipeline.relabel
 
     stream_rows = []
     for dsa in dsas:
@@ -151,15 +151,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         row["CLA"] = streams(oof_table(out, sibling.name), store, truth)["cell stream"] if sibling else float("nan")
         stream_rows.append(row)
 
+    # CRA is nested in the folds: a round's "labels" are each outer fold's version, its label AP and
+    # its DSAs' scores the means over the outer folds (each on the other folds' cells).
     cra_rows = []
-    for k, version in enumerate(versions):
-        row = {"labels": version, "label AP": label_quality(store, version)}
-        for dsa in dsas:  # round k+1 trained on version k; the final zoo on the last version
-            table = oof_table(out, dsa.name, None if version == final else version)
-            row[dsa.name] = streams(table, store, truth).get("DSA fused", float("nan"))
+    for r in [*rounds, None] if rounds else []:  # round r trained on r.trained_on; the final zoo on the last labels
+        final = r is None
+        row = {"labels": rounds[-1].version if final else r.trained_on,
+               "label AP": rounds[-1].quality if final else r.trained_on_quality}
+        for dsa in dsas:
+            tables = [oof_table(out, dsa.name)] if final else [read_parquet(t[dsa.name]) for t in r.oof.values()]
+            row[dsa.name] = float(np.mean([streams(t, store, truth).get("DSA fused", float("nan")) for t in tables]))
         for cla in clas:
-            table = oof_table(out, cla.name, "weak") if version == "weak" else \
-                oof_table(out, cla.name) if version == final else None
+            table = oof_table(out, cla.name) if final else oof_table(out, cla.name, "weak") if r.round == 1 else None
             row[cla.name] = streams(table, store, truth)["cell stream"] if table is not None else float("nan")
         cra_rows.append(row)
 

@@ -32,10 +32,10 @@ from ensemble.selectors import EnsembleSpec, apply_spec, log_to_mlflow, plot_cor
 from ensemble.serving import Preprocessing
 from ensemble.storage import join, write_bytes
 from ensemble.trainers.fit import RunContext
-from ensemble.trainers.relabel import RoundResult, cra_rounds, zoo_trainer
+from ensemble.trainers.relabel import RoundResult, cra_rounds, fold_specs, nested_trainer
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
-from ensemble.trainers.zoo import JobsFailedError, TrainAllResult, train_zoo  # noqa: F401  (the CLI's)
-from ensemble.zoo import Zoo, load_zoo
+from ensemble.trainers.zoo import FoldSpecs, JobsFailedError, TrainAllResult, train_zoo  # noqa: F401  (the CLI's)
+from ensemble.zoo import ModelSpec, Zoo, load_zoo
 
 
 @dataclass
@@ -83,7 +83,7 @@ class PipelineResult:
     training: TrainAllResult
     ensemble: EnsembleSpec | None = None
     model_version: object | None = None       # mlflow ModelVersion of the registered ensemble
-    sweeps: dict[str, SweepResult] = field(default_factory=dict)
+    sweeps: dict[tuple[str, int], SweepResult] = field(default_factory=dict)   # (model, outer fold) ->
     relabel: list[RoundResult] = field(default_factory=list)
     integrity: IntegrityResult | None = None
 
@@ -173,20 +173,22 @@ def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, track
 
 
 def relabel_step(zoo: Zoo, workdir: str, *, tracking_uri: str | None = None, progress: bool = True,
-                 max_concurrent: int | None = None) -> tuple[Zoo, list[RoundResult]]:
-    """CRA rounds of ``zoo.relabel``; returns the zoo set to train on the last round's labels.
+                 max_concurrent: int | None = None,
+                 folds: list[int] | None = None) -> tuple[FoldSpecs, list[RoundResult]]:
+    """CRA rounds of ``zoo.relabel``, nested in the folds (:mod:`ensemble.trainers.relabel`).
 
-    Each round's DSAs train as their own zoo (``{zoo}-{label version}``, its own MLflow
-    experiment and ``{workdir}/labels-{version}``), so they never mix with the final models.
+    Returns each (model, fold) job of the zoo set to train on its outer fold's last label
+    version (``cra{R}-f{j}``, made from the other folds alone), and the rounds; no job and no
+    round without ``zoo.relabel.rounds``. Each round's DSAs train as their own zoo
+    (``{zoo}-{label version}``, its own MLflow experiment and ``{workdir}/labels-{version}``), so
+    they never mix with the final models. ``folds``: the outer folds to re-label for (default: all).
     """
     if not zoo.relabel.rounds:
-        return zoo, []
-    train = zoo_trainer(zoo, store_uri(workdir), workdir, tracking_uri=tracking_uri, progress=progress,
-                        max_concurrent=max_concurrent)
-    rounds = cra_rounds(store_uri(workdir), train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta)
-    final = rounds[-1].version
-    models = tuple(dataclasses.replace(m, train=dataclasses.replace(m.train, labels=final)) for m in zoo.models)
-    return dataclasses.replace(zoo, models=models), rounds
+        return {}, []
+    train = nested_trainer(zoo, store_uri(workdir), workdir, tracking_uri=tracking_uri, progress=progress,
+                           max_concurrent=max_concurrent)
+    rounds = cra_rounds(store_uri(workdir), train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta, folds=folds)
+    return fold_specs(zoo, rounds[-1].versions), rounds
 
 
 def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> IntegrityResult:
@@ -217,12 +219,42 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
 
 
 def sweep_model(zoo: str | Zoo, model: str, workdir: str, *, space: str | None = None, num_samples: int = 8,
-                fold: int = 0, experiment: str | None = None, tracking_uri: str | None = None) -> SweepResult:
-    """Sweep one model of a zoo on one fold of an existing store (``ensemble sweep``)."""
+                fold: int = 0, experiment: str | None = None, tracking_uri: str | None = None,
+                spec: ModelSpec | None = None, max_concurrent: int = 2) -> SweepResult:
+    """Sweep one model of a zoo for one outer fold of an existing store (``ensemble sweep``).
+
+    The trials train on the other folds, ``max_concurrent`` at a time; the best config is the one
+    the model's job on ``fold`` trains with. ``spec``: the model's spec for that fold, when not the
+    zoo's (its CRA labels).
+    """
     zoo = load_zoo(zoo) if not isinstance(zoo, Zoo) else zoo
-    spec = zoo.model(model)
+    spec = spec or zoo.model(model)
     ctx = context_for(zoo, workdir, experiment, tracking_uri, CellStore(store_uri(workdir)).meta["source"]["fingerprint"])
-    return sweep(spec, ctx, load_search_space(space or spec.head), fold=fold, num_samples=num_samples)
+    return sweep(spec, ctx, load_search_space(space or spec.head), fold=fold, num_samples=num_samples,
+                 max_concurrent=max_concurrent)
+
+
+def sweep_step(zoo: Zoo, workdir: str, specs: FoldSpecs, *, num_samples: int = 8, experiment: str | None = None,
+               tracking_uri: str | None = None, folds: list[int] | None = None,
+               max_concurrent: int = 2) -> tuple[FoldSpecs, dict[tuple[str, int], SweepResult]]:
+    """A sweep per model and outer fold (``train_all --sweep``); returns each job's spec with its fold's best config.
+
+    The sweep of fold j tunes the spec its job will train with (``specs``, else the zoo's: its
+    CRA labels), on the other folds, so no label of fold j chooses the settings that predict it:
+    K sweeps per model. A fold whose config is recorded (``{workdir}/sweeps/{model}/fold{j}.yaml``)
+    is not swept again. ``folds``: the outer folds to sweep (default: all); ``max_concurrent``
+    trials at a time.
+    """
+    tuned, sweeps = {}, {}
+    for spec in zoo.models:
+        for fold in range(zoo.n_folds) if folds is None else folds:
+            own = specs.get((spec.name, fold), spec)
+            if read_best_config(workdir, spec.name, fold) is None:
+                sweeps[spec.name, fold] = sweep_model(zoo, spec.name, workdir, num_samples=num_samples, fold=fold,
+                                                      experiment=experiment, tracking_uri=tracking_uri, spec=own,
+                                                      max_concurrent=max_concurrent)
+            tuned[spec.name, fold] = apply_config(own, read_best_config(workdir, spec.name, fold))
+    return tuned, sweeps
 
 
 def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None = None,
@@ -254,18 +286,15 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
                      segmenter_settings=segmenter_settings, progress=progress)
     # The store's fold count is the zoo's: prepare refuses a store built with another.
     max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * zoo.n_folds)
+    # Each outer fold's job trains on labels (CRA) and settings (sweep) its own labels did not choose.
+    specs, rounds = relabel_step(zoo, workdir, tracking_uri=tracking_uri, progress=progress,
+                                 max_concurrent=max_concurrent)
     sweeps = {}
     if sweep:
-        for spec in zoo.models:
-            if read_best_config(workdir, spec.name) is None:
-                sweeps[spec.name] = sweep_model(zoo, spec.name, workdir, num_samples=sweep_samples,
-                                                experiment=experiment, tracking_uri=tracking_uri)
-        zoo = dataclasses.replace(zoo, models=tuple(apply_config(spec, read_best_config(workdir, spec.name))
-                                                    for spec in zoo.models))
-    zoo, rounds = relabel_step(zoo, workdir, tracking_uri=tracking_uri, progress=progress,
-                               max_concurrent=max_concurrent)
+        specs, sweeps = sweep_step(zoo, workdir, specs, num_samples=sweep_samples, experiment=experiment,
+                                   tracking_uri=tracking_uri)
     training = train_zoo(zoo, store_uri(workdir), workdir, experiment=experiment, tracking_uri=tracking_uri,
-                         progress=progress, max_concurrent=max_concurrent)
+                         progress=progress, max_concurrent=max_concurrent, specs=specs)
     ensemble = version = integrity = None
     if select and len(zoo.models) > 1:
         oof = load_oof_dir(join(workdir, "oof"))

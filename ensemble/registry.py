@@ -105,8 +105,8 @@ def member_checkpoints(experiment: str, model_names: Sequence[str], tracking_uri
     Raises
     ------
     ValueError
-        Unknown experiment, a model without finished runs, or fold runs trained from different
-        specs (a model re-trained with changed settings on some folds only).
+        Unknown experiment, a model without finished runs, or fold runs whose networks differ in
+        more than their train settings (which each outer fold may choose for itself).
     """
     uri = tracking.tracking_uri(tracking_uri)
     client = tracking.client(uri)
@@ -127,15 +127,20 @@ def member_checkpoints(experiment: str, model_names: Sequence[str], tracking_uri
             latest.setdefault(int(run.data.tags[tracking.TAG_FOLD]), run)
         if not latest:
             raise ValueError(f"experiment {experiment!r} has no finished training run of model {name!r}")
-        hashes = {run.data.tags.get(tracking.TAG_SPEC) for run in latest.values()}
-        if len(hashes) > 1:
-            raise ValueError(f"model {name!r}: its latest fold runs were trained from different specs {sorted(map(str, hashes))}")
-        folds = {}
+        folds, served = {}, []
         for fold, run in sorted(latest.items()):
             local = Path(download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_ARTIFACT,
                                             dst_path=str(dst / name / f"fold{fold}"), tracking_uri=uri))
             folds[fold] = local / "best.pt"
-        spec = ModelSpec.from_dict(json.loads((local / "spec.json").read_text()))  # the same for every fold (hash checked)
+            spec = ModelSpec.from_dict(json.loads((local / "spec.json").read_text()))
+            # A fold may learn with its own train settings (its outer fold's sweep config and CRA
+            # labels); serving runs every fold network with one spec, so the rest must agree.
+            served.append({k: v for k, v in dataclasses.asdict(spec).items() if k not in ("train", "placement")})
+        differ = sorted(k for k in served[0] if any(s[k] != served[0][k] for s in served))
+        if differ:
+            raise ValueError(f"model {name!r}: its latest fold runs differ in {differ}, which serving runs one "
+                             "value of per model: train every fold with the same (a per-fold sweep may search "
+                             "only train settings for it)")
         newest = next(iter(latest.values()))
         members[name] = MemberCheckpoints(spec=spec, folds=folds, runs={f: r.info.run_id for f, r in latest.items()},
                                           store=newest.data.params.get("store"),

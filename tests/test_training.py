@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import mlflow
 import numpy as np
@@ -21,7 +22,7 @@ from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.pipeline import select_step, train_all
+from ensemble.pipeline import relabel_step, select_step, sweep_step, train_all
 from ensemble.trainers import loop
 from ensemble.zoo import IntegritySettings, ModelSpec, RelabelSettings, SpecError, TrainSettings, load_zoo
 from ensemble.trainers.sweep import load_search_space, sweep
@@ -217,14 +218,18 @@ def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_pat
 
     (round_1,) = result.relabel
     assert (round_1.trained_on, round_1.version, list(round_1.model_map)) == ("weak", "cra1", ["dsa_tiny"])
+    assert round_1.versions == {0: "cra1-f0", 1: "cra1-f1", 2: "cra1-f2"}
     store = CellStore(str(tmp_path / "work" / "store"))
-    relabelled, weak = store.labels("cra1"), store.labels("weak")
+    relabelled, weak = store.labels("cra1-f0"), store.labels("weak")
     assert ((relabelled > 0) <= (weak > 0)).all() and not np.array_equal(relabelled, weak)
-    # The round's DSA trained in an experiment of its own; every final model on the new labels.
+    # The round's DSA trained in an experiment of its own, one job per pair of folds left out
+    # (shared by the pair's two outer folds); each final job on its outer fold's labels.
     round_runs = tracking.find_runs(tracking.ensure_experiment("tiny-weak", uri), {tracking.TAG_KIND: "job"}, uri)
     assert sorted(r.data.tags[tracking.TAG_MODEL] for r in round_runs) == ["dsa_tiny"] * 3
     final_runs = tracking.find_runs(result.training.experiment_id, {tracking.TAG_KIND: "job"}, uri)
-    assert len(final_runs) == 6 and {r.data.params["train.labels"] for r in final_runs} == {"cra1"}
+    assert len(final_runs) == 6
+    assert {(r.data.tags[tracking.TAG_FOLD], r.data.params["train.labels"]) for r in final_runs} == {
+        ("0", "cra1-f0"), ("1", "cra1-f1"), ("2", "cra1-f2")}
 
     vid = result.integrity
     assert vid.weighting and 0.5 < vid.cv.scores.loc["xgb", "auc"] <= 1 and 0 <= vid.decision.with_weights <= 1
@@ -325,33 +330,64 @@ def test_unknown_optimizer_or_schedule_fails_when_the_zoo_is_loaded(tmp_path):
     assert load_zoo(bad).models[0].train.optimizer == "lookahead_adamw"
 
 
-def test_held_out_labels_cannot_reach_the_oof(tmp_path, store, tiny_zoo_file):
-    """A job's OOF is out of sample: with every label of the held-out fold shuffled (weak, cell and
-    truth), the scores that choose the epoch and the fold's OOF predictions are the same to the bit."""
+def shuffled_store(store: str, out, fold: int) -> np.ndarray:
+    """A copy of ``store`` with every label of ``fold``'s cells (weak, cell and truth) shuffled among them;
+    returns the rows of those cells."""
     import pyarrow.parquet as pq
-    import shutil
 
-    shuffled = tmp_path / "shuffled-store"
-    shutil.copytree(store, shuffled)
-    table = pq.read_table(shuffled / "cells.parquet")
-    held = np.flatnonzero(table.column("fold").to_numpy() == 0)
+    shutil.copytree(store, out)
+    table = pq.read_table(out / "cells.parquet")
+    held = np.flatnonzero(table.column("fold").to_numpy() == fold)
     order = np.arange(table.num_rows)
     order[held] = np.random.default_rng(0).permutation(held)
     for name in ("image_labels", "cell_labels", "truth_labels"):
         table = table.set_column(table.column_names.index(name), name, table.column(name).take(order))
-    pq.write_table(table, shuffled / "cells.parquet")
-    assert not np.array_equal(CellStore(str(shuffled)).labels("truth")[held], CellStore(store).labels("truth")[held])
+    pq.write_table(table, out / "cells.parquet")
+    assert not np.array_equal(CellStore(str(out)).labels("truth")[held], CellStore(store).labels("truth")[held])
+    assert not np.array_equal(CellStore(str(out)).labels("weak")[held], CellStore(store).labels("weak")[held])
+    return held
 
-    spec = load_zoo(tiny_zoo_file).model("cla_tiny")
-    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=2, patience=9))
-    tables, choices, held_out = [], [], []
-    for name, uri in (("original", store), ("shuffled", str(shuffled))):
-        ctx = context(tmp_path / name, uri)
-        summary = trainer_for(spec, 0, ctx).fit().return_value
-        assert summary["epochs"] == 2
-        tables.append(read_parquet(oof_uri(ctx.workdir, spec.name, 0)))
-        choices.append([(h["train_loss"], h["val_map"]) for h in summary["history"]] + [summary["best_epoch"]])
-        held_out.append(summary["oof_map"])
-    assert choices[0] == choices[1], "validation scores must not depend on the held-out fold's labels"
-    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
-    assert held_out[0] != held_out[1], "the held-out score does read them, once, after the choice"
+
+@pytest.mark.slow
+def test_held_out_labels_cannot_reach_the_oof(tmp_path, store, tiny_zoo_file):
+    """OOF predictions are out of sample, CRA and sweeps included: with every label of fold 1
+    shuffled (weak, cell and truth), the labels CRA writes for fold 1's job, the config fold 1's
+    sweep chooses, the scores that choose the final job's epoch and fold 1's OOF predictions are
+    all the same to the bit. The old chain would fail each: one sweep on fold 0 (which trains on
+    fold 1) for every fold, and CRA rounds whose DSAs trained on every fold."""
+    zoo = dataclasses.replace(load_zoo(tiny_zoo_file), relabel=RelabelSettings(rounds=1))
+    # The DSA alone (CRA's model); a worker holds 0.45 CPU so that a trial fits beside the placement
+    # groups Ray Train V2 sometimes leaks (see the ASHA test above).
+    (dsa,) = [m for m in zoo.models if m.head == "dsa"]
+    zoo = dataclasses.replace(zoo, models=(dataclasses.replace(
+        dsa, placement=dataclasses.replace(dsa.placement, cpus_per_worker=0.45)),))
+    fold = 1
+    runs = {}
+    for name in ("original", "shuffled"):
+        workdir = tmp_path / name
+        if name == "original":
+            shutil.copytree(store, workdir / "store")
+        else:
+            held = shuffled_store(store, workdir / "store", fold)
+        uri = f"sqlite:///{workdir}/mlflow.db"
+        # What train_all does, for outer fold 1 alone: CRA, then the sweep, then the job.
+        specs, rounds = relabel_step(zoo, str(workdir), tracking_uri=uri, progress=False, folds=[fold])
+        # One trial at a time: the second's config depends on the first's score, so the choice reads them.
+        specs, sweeps = sweep_step(zoo, str(workdir), specs, num_samples=2, tracking_uri=uri, folds=[fold],
+                                   max_concurrent=1)
+        spec = specs["dsa_tiny", fold]
+        assert spec.train.labels == f"cra1-f{fold}" and rounds[0].versions == {fold: f"cra1-f{fold}"}
+        ctx = context(workdir, str(workdir / "store"))
+        result = fit_job(spec, fold, ctx)
+        labels = CellStore(str(workdir / "store")).labels(spec.train.labels)
+        runs[name] = dict(spec=spec, labels=labels, trials=sorted(sweeps["dsa_tiny", fold].trials["val_map"]),
+                          val=[m.value for m in MlflowClient(uri).get_metric_history(result.run_id, "val_map")],
+                          oof=read_parquet(result.oof_uri), oof_map=result.oof_map)
+    original, shuffled = runs["original"], runs["shuffled"]
+    others = np.setdiff1d(np.arange(len(original["labels"])), held)
+    np.testing.assert_array_equal(shuffled["labels"][others], original["labels"][others])
+    assert shuffled["trials"] == original["trials"] and shuffled["spec"] == original["spec"]
+    assert shuffled["val"] == original["val"], "validation scores must not depend on the held-out fold's labels"
+    pd.testing.assert_frame_equal(shuffled["oof"], original["oof"], check_exact=True)
+    assert set(original["oof"]["fold"]) == {fold}
+    assert shuffled["oof_map"] != original["oof_map"], "the held-out score does read them, once, after the choice"

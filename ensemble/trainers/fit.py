@@ -3,6 +3,8 @@
 The job's MLflow run is found by its tags before anything starts: a finished job is skipped, an
 interrupted one is reopened and Ray Train resumes it from its latest checkpoint (the Ray run name
 is stable, ``{zoo}-{model}-fold{k}``, so the new trainer finds the old run's checkpoints).
+A job of nested CRA holds out a pair of folds (``without``): it is named, tagged and stored as
+``fold{i}+{j}``.
 
 Ray Train retries a failed job (``FailureConfig``), which helps a lost node and cannot help a
 model that cannot be built or run: :func:`ensemble.checks.preflight_zoo` finds those before any
@@ -56,20 +58,26 @@ class JobResult:
     seconds: float
     skipped: bool
     oof_uri: str
+    without: tuple[int, ...] = ()
 
 
-def job_name(zoo: str, model: str, fold: int) -> str:
-    return f"{zoo}-{model}-fold{fold}"
+def fold_key(fold: int, without: tuple[int, ...] = ()) -> str:
+    """A job's held-out folds as its name, OOF path and fold tag show them: ``"2"``, or ``"0+2"`` with ``without``."""
+    return "+".join(str(f) for f in sorted({fold, *without}))
 
 
-def oof_uri(workdir: str, model: str, fold: int) -> str:
-    return join(workdir, "oof", model, f"fold{fold}.parquet")
+def job_name(zoo: str, model: str, fold: int, without: tuple[int, ...] = ()) -> str:
+    return f"{zoo}-{model}-fold{fold_key(fold, without)}"
 
 
-def job_tags(ctx: RunContext, spec: ModelSpec, fold: int) -> dict[str, str]:
+def oof_uri(workdir: str, model: str, fold: int, without: tuple[int, ...] = ()) -> str:
+    return join(workdir, "oof", model, f"fold{fold_key(fold, without)}.parquet")
+
+
+def job_tags(ctx: RunContext, spec: ModelSpec, fold: int, without: tuple[int, ...] = ()) -> dict[str, str]:
     """The tags that identify a job's MLflow run (found again by a re-run)."""
     return {tracking.TAG_KIND: "job", tracking.TAG_ZOO: ctx.zoo, tracking.TAG_MODEL: spec.name,
-            tracking.TAG_FOLD: str(fold), tracking.TAG_FINGERPRINT: ctx.fingerprint,
+            tracking.TAG_FOLD: fold_key(fold, without), tracking.TAG_FINGERPRINT: ctx.fingerprint,
             tracking.TAG_SPEC: spec.fingerprint()}
 
 
@@ -81,18 +89,22 @@ def scaling_for(spec: ModelSpec) -> ScalingConfig:
 
 
 def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None = None,
-                callbacks: list | None = None, name: str | None = None) -> TorchTrainer:
-    """The ``TorchTrainer`` of one job; also used by sweeps, with their own run name and callbacks."""
+                callbacks: list | None = None, name: str | None = None,
+                without: tuple[int, ...] = ()) -> TorchTrainer:
+    """The ``TorchTrainer`` of one job; also used by sweeps, with their own run name and callbacks.
+
+    The job trains on every fold but ``fold`` and the folds ``without``, and predicts those.
+    """
     storage_filesystem, storage_path = arrow_filesystem(join(ctx.workdir, "ray"))
     config = JobConfig(spec=dataclasses.asdict(spec), fold=fold, store=ctx.store,
-                       oof_path=oof_uri(ctx.workdir, name or spec.name, fold), tracking_uri=ctx.tracking_uri,
-                       run_id=run_id)
+                       oof_path=oof_uri(ctx.workdir, name or spec.name, fold, without), tracking_uri=ctx.tracking_uri,
+                       run_id=run_id, without=tuple(without))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(config),
         scaling_config=scaling_for(spec),
         run_config=RunConfig(
-            name=name or job_name(ctx.zoo, spec.name, fold),
+            name=name or job_name(ctx.zoo, spec.name, fold, without),
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -102,23 +114,26 @@ def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None 
     )
 
 
-def _result_of(run, spec: ModelSpec, fold: int, ctx: RunContext, seconds: float, skipped: bool) -> JobResult:
+def _result_of(run, spec: ModelSpec, fold: int, ctx: RunContext, seconds: float, skipped: bool,
+               without: tuple[int, ...]) -> JobResult:
     metrics = run.data.metrics
     return JobResult(model=spec.name, fold=fold, run_id=run.info.run_id,
                      best_val_map=float(metrics.get("best_val_map", float("nan"))),
                      best_epoch=int(metrics.get("best_epoch", -1)), epochs=int(metrics.get("epochs", 0)),
                      oof_map=float(metrics.get("oof_map", float("nan"))),
-                     seconds=seconds, skipped=skipped, oof_uri=oof_uri(ctx.workdir, spec.name, fold))
+                     seconds=seconds, skipped=skipped, oof_uri=oof_uri(ctx.workdir, spec.name, fold, without),
+                     without=without)
 
 
-def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
-    """Train ``spec`` on every fold but ``fold``, write its OOF table, record it all in MLflow."""
+def fit_job(spec: ModelSpec, fold: int, ctx: RunContext, without: tuple[int, ...] = ()) -> JobResult:
+    """Train ``spec`` on every fold but ``fold`` (and ``without``), write its OOF table, record it all in MLflow."""
+    without = tuple(sorted(without))
     client = tracking.client(ctx.tracking_uri)
-    run, finished = tracking.start_or_resume_run(ctx.experiment_id, job_tags(ctx, spec, fold),
-                                                 job_name(ctx.zoo, spec.name, fold), ctx.tracking_uri,
-                                                 ctx.parent_run_id)
+    name = job_name(ctx.zoo, spec.name, fold, without)
+    run, finished = tracking.start_or_resume_run(ctx.experiment_id, job_tags(ctx, spec, fold, without), name,
+                                                 ctx.tracking_uri, ctx.parent_run_id)
     if finished:
-        return _result_of(run, spec, fold, ctx, 0.0, skipped=True)
+        return _result_of(run, spec, fold, ctx, 0.0, skipped=True, without=without)
     run_id = run.info.run_id
     started = time.perf_counter()
     try:
@@ -128,9 +143,9 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
         # The client API throughout: `mlflow.start_run` would mark the run FINISHED on exit, and
         # FINISHED must mean "OOF and checkpoint logged", or a re-run would skip a broken job.
         if not run.data.params:
-            params = {**spec_params(spec), "fold": fold, "store": ctx.store}
+            params = {**spec_params(spec), "fold": fold_key(fold, without), "store": ctx.store}
             client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        result = trainer_for(spec, fold, ctx, run_id=run_id).fit()
+        result = trainer_for(spec, fold, ctx, run_id=run_id, without=without).fit()
         summary = result.return_value
         client.set_tag(run_id, tracking.TAG_NODE, summary["node_id"])  # the Ray node its (last) workers ran on
         now = int(time.time() * 1000)
@@ -139,10 +154,10 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
                                           if k in summary])
         with tempfile.TemporaryDirectory() as tmp:
             oof = Path(tmp) / "oof.parquet"
-            oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold)))
+            oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold, without)))
             client.log_artifact(run_id, str(oof), artifact_path="oof")
             client.log_artifact(run_id, training_curves(summary["history"], Path(tmp) / "curves.png",
-                                                        title=job_name(ctx.zoo, spec.name, fold)))
+                                                        title=name))
             with result.checkpoint.as_directory() as directory:
                 client.log_artifact(run_id, str(Path(directory) / "best.pt"), artifact_path="checkpoint")
                 client.log_artifact(run_id, str(Path(directory) / "spec.json"), artifact_path="checkpoint")
@@ -150,4 +165,5 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext) -> JobResult:
         tracking.end_run(run_id, "FAILED", ctx.tracking_uri)
         raise
     tracking.end_run(run_id, "FINISHED", ctx.tracking_uri)
-    return _result_of(client.get_run(run_id), spec, fold, ctx, time.perf_counter() - started, skipped=False)
+    return _result_of(client.get_run(run_id), spec, fold, ctx, time.perf_counter() - started, skipped=False,
+                      without=without)

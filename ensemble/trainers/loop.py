@@ -66,6 +66,7 @@ class JobConfig:
     oof_path: str
     tracking_uri: str | None = None
     run_id: str | None = None
+    without: tuple[int, ...] = ()  # further held-out folds (nested CRA): not trained on, predicted with `fold`
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -92,18 +93,21 @@ def loader_workers(placement: Placement) -> int:
     return max(0, int(placement.cpus_per_worker) - 1)
 
 
-def job_rows(store: CellStore, fold: int, settings: TrainSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def job_rows(store: CellStore, fold: int, settings: TrainSettings,
+             without: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Store rows a job trains on, chooses its epoch on, and predicts: (train, validation, held-out).
 
-    The validation rows are the cells of a stratified ``settings.val_fraction`` of the training
-    folds' images (:func:`~ensemble.data.folds.inner_split`), drawn with the job's seed.
+    The held-out rows are the cells of ``fold`` and of the folds ``without``; the validation rows
+    are the cells of a stratified ``settings.val_fraction`` of the other (training) folds' images
+    (:func:`~ensemble.data.folds.inner_split`), drawn with the job's seed.
     """
     fold_of_cell = store.cells["fold"].to_numpy()
-    training = np.flatnonzero(fold_of_cell != fold)
+    held_out = np.isin(fold_of_cell, (fold, *without))
+    training = np.flatnonzero(~held_out)
     image_ids = store.cells["image_id"].to_numpy()[training]
     images, first, which = np.unique(image_ids, return_index=True, return_inverse=True)
     inner = inner_split(store.labels("weak")[training[first]], settings.val_fraction, settings.seed)
-    return training[~inner[which]], training[inner[which]], np.flatnonzero(fold_of_cell == fold)
+    return training[~inner[which]], training[inner[which]], np.flatnonzero(held_out)
 
 
 @torch.no_grad()
@@ -290,7 +294,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
 
     store = CellStore(job.store, shard_cache=default_shard_cache() if spec.placement.shard_cache else None)
-    train_rows, val_rows, held_rows = job_rows(store, job.fold, settings)
+    train_rows, val_rows, held_rows = job_rows(store, job.fold, settings, tuple(job.without))
     truth, label_source = evaluation_labels(store)
     rates = store.labels("weak")[train_rows].mean(axis=0)
 

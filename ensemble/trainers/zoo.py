@@ -12,6 +12,7 @@ than after Ray Train has retried each of its jobs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +29,12 @@ from ensemble.models.backbones import family_of
 from ensemble.oof import CELL_COLUMNS, KEYS
 from ensemble.storage import join, read_parquet, write_bytes, write_parquet
 from ensemble.checks import preflight_zoo
-from ensemble.trainers.fit import JobResult, RunContext, fit_job, oof_uri
-from ensemble.zoo import Zoo
+from ensemble.trainers.fit import JobResult, RunContext, fit_job, fold_key, oof_uri
+from ensemble.zoo import ModelSpec, Zoo
+
+FoldSpecs = Mapping[tuple[str, int], ModelSpec]
+"""The spec of (model name, fold) jobs that do not train with the zoo's own: each outer fold's
+sweep config and CRA label version."""
 
 
 class JobsFailedError(RuntimeError):
@@ -71,6 +76,16 @@ def failure_report(failures: list[tuple[str, int | None, BaseException]], source
     return f"{len(failures)} job(s) failed:\n" + "\n".join(lines) + "\n" + "; ".join(advice)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training job: ``spec`` trained on every fold but ``fold`` and ``without``, recorded in ``ctx``."""
+
+    spec: ModelSpec
+    fold: int
+    ctx: RunContext
+    without: tuple[int, ...] = ()
+
+
 @dataclass
 class TrainAllResult:
     zoo: str
@@ -91,25 +106,38 @@ def parent_run(zoo: Zoo, experiment_id: str, fingerprint: str, uri: str | None):
     return tracking.client(uri).create_run(experiment_id, run_name=f"train_all-{zoo.name}", tags=tags)
 
 
-def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
-             max_concurrent: int | None = None) -> list[JobResult]:
-    """Every (model, fold) job as a Ray task, at most ``max_concurrent`` in flight (default: all).
+def open_zoo(zoo: Zoo, store_uri: str, workdir: str, experiment: str | None = None,
+             tracking_uri: str | None = None) -> RunContext:
+    """The context of a zoo's jobs: its MLflow experiment and train_all run (reopened if unfinished)."""
+    store = CellStore(store_uri)
+    uri = tracking.tracking_uri(tracking_uri)
+    experiment_id = tracking.ensure_experiment(experiment or zoo.name, uri)
+    fingerprint = store.meta["source"]["fingerprint"]
+    parent = parent_run(zoo, experiment_id, fingerprint, uri)
+    return RunContext(zoo=zoo.name, store=store_uri, workdir=workdir, experiment_id=experiment_id,
+                      tracking_uri=uri, fingerprint=fingerprint, parent_run_id=parent.info.run_id)
+
+
+def run_jobs(jobs: list[Job], source: str, progress: bool = True, max_concurrent: int | None = None,
+             desc: str = "train") -> list[JobResult]:
+    """Every job as a Ray task, at most ``max_concurrent`` in flight (default: all).
 
     A job's task only drives its trainer (``num_cpus=0``: the trainer's workers hold the CPUs and
-    GPUs; a CPU for the driver as well deadlocks small machines, STACK.md). It runs on this node,
+    GPUs; a CPU for the driver as well deadlocks small machines). It runs on this node,
     beside the driver, and is retried if its process or node dies: the retry finds the job's
     MLflow run and Ray Train's checkpoints, and resumes them.
     """
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     remote_fit = ray.remote(num_cpus=0, max_retries=2, scheduling_strategy=here)(fit_job)
-    queue = [(spec, fold) for spec in zoo.models for fold in folds]
+    queue = list(jobs)
     limit = max_concurrent or len(queue)
     pending, results, failures = {}, [], []
-    with tqdm(total=len(queue), desc=f"train {zoo.name}", unit="job", disable=not progress) as bar:
+    with tqdm(total=len(queue), desc=desc, unit="job", disable=not progress) as bar:
         while queue or pending:
             while queue and len(pending) < limit:
-                spec, fold = queue.pop(0)
-                pending[remote_fit.remote(spec, fold, ctx)] = (spec.name, fold)
+                job = queue.pop(0)
+                pending[remote_fit.remote(job.spec, job.fold, job.ctx, job.without)] = (
+                    job.spec.name, fold_key(job.fold, job.without))
             done, _ = ray.wait(list(pending), num_returns=1)
             name, fold = pending.pop(done[0])
             try:
@@ -123,8 +151,8 @@ def run_jobs(zoo: Zoo, ctx: RunContext, folds: list[int], progress: bool = True,
                 bar.set_postfix_str(f"{name} fold {fold}: FAILED")
             bar.update()
     if failures:
-        raise JobsFailedError(failure_report(failures, zoo.source or f"zoo {zoo.name}"))
-    return sorted(results, key=lambda r: (r.model, r.fold))
+        raise JobsFailedError(failure_report(failures, source))
+    return sorted(results, key=lambda r: (r.model, r.fold, r.without))
 
 
 def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
@@ -164,34 +192,32 @@ def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobR
 
 def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None = None,
               tracking_uri: str | None = None, progress: bool = True,
-              max_concurrent: int | None = None) -> TrainAllResult:
+              max_concurrent: int | None = None, specs: FoldSpecs | None = None) -> TrainAllResult:
     """Train every model of ``zoo`` on every fold of the store; resumable; returns the OOF tables.
 
     Every model is first built and run on a batch (:func:`ensemble.checks.preflight_zoo`): one
     that cannot be stops the call before any job starts or any MLflow run is recorded.
+    ``specs`` gives the (model, fold) jobs that train with another spec than the zoo's (an outer
+    fold's sweep config or CRA labels); each keeps its model's name.
     """
     preflight_zoo(zoo)
     store = CellStore(store_uri)
     n_folds = int(store.cells["fold"].max()) + 1
     folds = list(range(n_folds))
-    uri = tracking.tracking_uri(tracking_uri)
-    experiment_id = tracking.ensure_experiment(experiment or zoo.name, uri)
-    fingerprint = store.meta["source"]["fingerprint"]
-    parent = parent_run(zoo, experiment_id, fingerprint, uri)
-    ctx = RunContext(zoo=zoo.name, store=store_uri, workdir=workdir, experiment_id=experiment_id,
-                     tracking_uri=uri, fingerprint=fingerprint, parent_run_id=parent.info.run_id)
-    client = tracking.client(uri)
+    ctx = open_zoo(zoo, store_uri, workdir, experiment, tracking_uri)
+    client = tracking.client(ctx.tracking_uri)
     try:
         limit = max_concurrent or default_concurrency(zoo, cluster_shape(), len(zoo.models) * len(folds))
-        jobs = run_jobs(zoo, ctx, folds, progress, limit)
+        queue = [Job((specs or {}).get((spec.name, fold), spec), fold, ctx) for spec in zoo.models for fold in folds]
+        jobs = run_jobs(queue, zoo.source or f"zoo {zoo.name}", progress, limit, desc=f"train {zoo.name}")
         oof = assemble_oof(zoo, workdir, folds)
         summary = oof_summary(zoo, store, oof, jobs)
         for row in summary.itertuples():
-            client.log_metric(parent.info.run_id, f"oof_cell_map.{row.model}", float(row.oof_cell_map))
-        client.log_text(parent.info.run_id, summary.to_csv(index=False), "summary.csv")
+            client.log_metric(ctx.parent_run_id, f"oof_cell_map.{row.model}", float(row.oof_cell_map))
+        client.log_text(ctx.parent_run_id, summary.to_csv(index=False), "summary.csv")
     except BaseException:
-        tracking.end_run(parent.info.run_id, "FAILED", uri)
+        tracking.end_run(ctx.parent_run_id, "FAILED", ctx.tracking_uri)
         raise
-    tracking.end_run(parent.info.run_id, "FINISHED", uri)
-    return TrainAllResult(zoo=zoo.name, experiment_id=experiment_id, parent_run_id=parent.info.run_id,
+    tracking.end_run(ctx.parent_run_id, "FINISHED", ctx.tracking_uri)
+    return TrainAllResult(zoo=zoo.name, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
                           jobs=jobs, oof=oof, summary=summary)
