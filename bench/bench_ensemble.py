@@ -8,8 +8,11 @@ and cell mAP beside each member network alone.
 
 The comparator is fixed before any test image is seen: the member with the best OOF score under
 the selection's objective (``oof_best``). The member best on the test images (``hindsight``) is
-reported beside it, as are greedy selection and the mean of all models, which are served through
-the same registered-model path (their specs registered as other versions, never promoted).
+reported beside it, as are greedy selection and the mean of all models (cell streams, as
+selection scores them), and the two ways of combining a member's fold networks: averaged before
+fusion (what the registered model serves, checked equal to its output) or each fold's networks
+fused as selection saw them, then averaged (``hcpl_fold_fused``). These come from one pass of
+every network of the zoo over the same segmented test cells.
 
 Differences are paired over images (:func:`ensemble.evaluate.compare`, 90 % percentile
 bootstrap), per seed and pooled over seeds (the seeds' test images resampled together).
@@ -22,12 +25,27 @@ bootstrap), per seed and pooled over seeds (the seeds' test images resampled tog
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from ensemble.data import hpa
 from ensemble.data.synthetic import simulate
-from ensemble.pipeline import train_all
+from ensemble.evaluate import compare, evaluate
+from ensemble.models.inference import predict_cells
+from ensemble.data.store import CellStore
+from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, align_labels, load_oof_dir, member_columns
+from ensemble.pipeline import store_labels, store_uri, train_all
+from ensemble.predict import predict_images
+from ensemble.registry import member_checkpoints, save_ensemble
+from ensemble.selectors import OBJECTIVES, EnsembleSpec, Objective, apply_spec
+from ensemble.serving import Preprocessing, batched, load_ensemble
 from ensemble.zoo import load_zoo
 
 # Test images of seed s are simulated with TEST_SEED_BASE + s: a range no demo, test or other
@@ -61,12 +79,159 @@ def train_seed(args: argparse.Namespace, seed: int) -> Path:
     return workdir
 
 
+def all_models_spec(spec: EnsembleSpec) -> EnsembleSpec:
+    """The spec with every candidate a member: a model that loads every network of the zoo."""
+    return dataclasses.replace(spec, groups={"all": list(spec.models)}, weights=dict.fromkeys(spec.models, 1.0),
+                               members={m: m for m in spec.models})
+
+
+def fold_predictions(model, test_root: Path) -> tuple[pd.DataFrame, dict[str, list[pd.DataFrame]]]:
+    """Every network of every model on the test cells: (index, model -> one frame per fold network)."""
+    ids = hpa.read_index(test_root, "test")["ID"].tolist()
+    index, frames = [], {name: [[] for _ in nets] for name, nets in model.networks.items()}
+    for batch in batched(model.iter_segmented(str(test_root), ids, "test", hpa.BatchReport()), 16):
+        counts = [len(s.cells) for s in batch]
+        if not sum(counts):
+            continue
+        crops = np.concatenate([s.crops for s in batch])
+        keys = pd.DataFrame({"image_id": np.repeat([s.image_id for s in batch], counts).astype(object),
+                             "cell_id": np.concatenate([s.cells["cell_id"].to_numpy() for s in batch]).astype(np.int64)})
+        index.append(keys)
+        for name, networks in model.networks.items():
+            for k, network in enumerate(networks):
+                cell, image = predict_cells(model.member_specs[name], [network], crops, counts, model.device)
+                frame = keys.assign(**dict(zip(CELL_COLUMNS, cell.T)))
+                if image is not None:
+                    frame = frame.assign(**dict(zip(IMAGE_COLUMNS, image.T)))
+                frames[name][k].append(frame)
+    return (pd.concat(index, ignore_index=True),
+            {name: [pd.concat(parts, ignore_index=True) for parts in folds] for name, folds in frames.items()})
+
+
+def variants(spec: EnsembleSpec, index: pd.DataFrame, folds: dict[str, list[pd.DataFrame]]) -> dict[str, np.ndarray]:
+    """Each score set of the table, (n_cells, 19) in ``index``'s row order.
+
+    ``hcpl``: the fold networks of each member averaged, then aggregated and fused (what the
+    registered model serves); ``hcpl_fold_fused``: each fold's networks aggregated and fused as
+    selection saw them, then the folds averaged; each model alone; ``mean_all`` and ``greedy``.
+    """
+    def ordered(table: pd.DataFrame) -> np.ndarray:
+        return index.merge(table, on=KEYS, how="left")[CELL_COLUMNS].to_numpy(np.float32)
+
+    averaged = {name: parts[0][KEYS].assign(**{c: np.mean([p[c].to_numpy() for p in parts], axis=0)
+                                               for c in parts[0].columns if c not in KEYS})
+                for name, parts in folds.items()}
+    n_folds = len(next(iter(folds.values())))
+    out = {"hcpl": ordered(apply_spec(spec, averaged)),
+           "hcpl_fold_fused": np.mean([ordered(apply_spec(spec, {m: parts[k] for m, parts in folds.items()}))
+                                       for k in range(n_folds)], axis=0)}
+    models = {name: ordered(table) for name, table in averaged.items()}
+    out |= models
+    out["mean_all"] = np.mean(list(models.values()), axis=0)
+    if spec.greedy is not None:
+        out["greedy"] = sum(w * models[m] for m, w in spec.greedy.weights.items()) / sum(spec.greedy.weights.values())
+    return out
+
+
+def score_seed(args: argparse.Namespace, seed: int) -> dict:
+    """Select and register on the seed's OOF, then score every score set on its fresh test images."""
+    workdir = Path(args.workdir) / f"seed{seed}"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    zoo = load_zoo(args.zoo, {"epochs": args.epochs} if args.epochs else None)
+    pipeline = train_all(zoo, data=str(workdir / "data"), workdir=str(workdir))
+    spec, version = pipeline.ensemble, pipeline.model_version
+    test_root = workdir / "test_data"
+    if not (test_root / "test.csv").exists():
+        simulate(test_root, n_images=args.test_images, seed=TEST_SEED_BASE + seed, size=args.image_px, split="test")
+    served = predict_images(f"models:/{version.name}/{version.version}", str(test_root), split="test",
+                            out=str(workdir / "served.parquet"), members=True, engine="local").out
+    table = pd.read_parquet(served)
+    everything = all_models_spec(spec)
+    members = member_checkpoints(zoo.name, everything.models)
+    save_ensemble(workdir / "all_models", everything, members, Preprocessing.from_store(store_uri(str(workdir))))
+    index, folds = fold_predictions(load_ensemble(str(workdir / "all_models")), test_root)
+    scores = variants(spec, index, folds)
+    at = index.merge(table[KEYS].reset_index(), on=KEYS, how="left")["index"].to_numpy()
+    if np.isnan(at.astype(float)).any():
+        raise RuntimeError("the served table and the networks' pass cut different cells")
+    served_scores = np.empty_like(scores["hcpl"])
+    served_scores[:] = table[CELL_COLUMNS].to_numpy(np.float32)[at]
+    np.testing.assert_allclose(served_scores, scores["hcpl"], atol=1e-5, err_msg="served != recomputed ensemble")
+    out = table.drop(columns=[c for c in table.columns if "." in c])
+    order = np.argsort(at)
+    for name, values in scores.items():
+        out[member_columns(name)] = values[order]
+    path = workdir / "test_scores.parquet"
+    out.to_parquet(path)
+
+    plots = workdir / "plots"
+    plots.mkdir(exist_ok=True)
+    test = {name: evaluate(path, test_root, member=name, plot=plots / f"{name}.png") for name in scores}
+    test = pd.DataFrame({"competition_map": {n: r.competition.map for n, r in test.items()},
+                         "cell_map": {n: r.cell.map for n, r in test.items()}})
+    member_names = sorted(set(spec.members.values()))
+    oof_best = max(member_names, key=spec.model_map.get)   # fixed before any test image is seen
+    hindsight = test.loc[member_names, "competition_map"].idxmax()
+    # The two comparators under names every seed's table shares, so that seeds pool.
+    out[member_columns("oof_best")] = out[member_columns(oof_best)].to_numpy()
+    out[member_columns("hindsight")] = out[member_columns(hindsight)].to_numpy()
+    out.to_parquet(path)
+    oof = load_oof_dir(str(workdir / "oof"))
+    truth = align_labels(store_labels(CellStore(store_uri(str(workdir)))), oof).truth
+    folds = oof.index["fold"].to_numpy()
+    oof_scores = {kind: {m: Objective.build(kind, truth, oof.index["image_id"].to_numpy(), folds).map(oof.cell[m])
+                         for m in oof.models} for kind in OBJECTIVES}
+    return {"seed": seed, "path": str(path), "test_root": str(test_root), "objective": spec.objective,
+            "members": member_names, "oof_best": oof_best, "hindsight": hindsight,
+            "n_images": int(out["image_id"].nunique()), "n_cells": len(out),
+            "test": test.round(4).to_dict(), "oof_model_map": spec.model_map,
+            # Does each OOF metric order the models as the competition's metric does on the test images?
+            "rank_agreement": {kind: float(spearmanr([oof_scores[kind][m] for m in oof.models],
+                                                     test.loc[oof.models, "competition_map"]).statistic)
+                               for kind in OBJECTIVES},
+            "oof_scores": oof_scores,
+            "nested": {m: s.nested_mean for m, s in spec.scores.items()},
+            "nested_cell": {m: s.nested_mean for m, s in spec.metric_scores.get("cell", {}).items()}}
+
+
+def comparisons(seeds: list[dict]) -> pd.DataFrame:
+    """Per seed and pooled over seeds: the ensemble minus the OOF-best member and minus the best
+    member in hindsight, greedy and the mean of all minus the OOF-best, and the two ways of
+    combining fold networks, each with a paired bootstrap interval over the images."""
+    pairs = [("ensemble", "oof_best"), ("ensemble", "hindsight"), ("greedy", "oof_best"), ("mean_all", "oof_best"),
+             ("hcpl_fold_fused", "ensemble")]
+    groups = [[s] for s in seeds] + ([seeds] if len(seeds) > 1 else [])
+    rows = []
+    for candidate, baseline in pairs:
+        for group in groups:
+            result = compare([s["path"] for s in group], [s["test_root"] for s in group], baseline,
+                             candidate=candidate)
+            seed = group[0]["seed"] if len(group) == 1 else "pooled"
+            rows += [{"seed": seed, "comparison": f"{candidate} - {baseline}", "metric": metric, **r.to_dict()}
+                     for metric, r in result.table.iterrows()]
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     args = parse_args()
+    results = []
     for seed in args.seeds:
         start = time.perf_counter()
         train_seed(args, seed)
         print(f"seed {seed}: trained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+        if args.stage == "all":
+            # A seed scored before is read back: its test images and registered version are fixed.
+            done = Path(args.workdir) / f"seed{seed}" / "result.json"
+            if not done.exists():
+                result = score_seed(args, seed) | {"minutes": (time.perf_counter() - start) / 60}
+                done.write_text(json.dumps(result, indent=1, default=str))
+            results.append(json.loads(done.read_text()))
+            print(json.dumps(results[-1], indent=1, default=str), flush=True)
+    if args.stage == "all":
+        table = comparisons(results)
+        table.to_csv(Path(args.workdir) / "comparisons.csv", index=False)
+        (Path(args.workdir) / "seeds.json").write_text(json.dumps(results, indent=1, default=str))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
 
 
 if __name__ == "__main__":

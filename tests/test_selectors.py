@@ -197,7 +197,7 @@ def test_a_block_that_lowers_the_ensemble_is_left_out():
     junk_block = next(b for b, models in pruned.blocks.items() if "junk_0" in models)
     assert pruned.blocks[junk_block] in (["junk_0", "junk_1"], ["junk_1", "junk_0"])
     assert list(pruned.pruned) == [junk_block] and junk_block not in pruned.members
-    assert "not above" in pruned.pruned[junk_block] and f"{junk_block} left out" in pruned.report()
+    assert "lowers the score in every fold" in pruned.pruned[junk_block] and f"{junk_block} left out" in pruned.report()
     assert kept.members[junk_block].startswith("junk") and not kept.pruned
     assert pruned.scores["hcpl"].nested_pooled > kept.scores["hcpl"].nested_pooled
     assert kept.scores["hcpl"].in_sample < kept.scores["best_single"].in_sample <= pruned.scores["hcpl"].in_sample
@@ -210,9 +210,14 @@ def test_fixed_threshold_cuts_where_told(spec):
 
 
 def test_best_member_of_each_block(synthetic, spec):
-    truth = _truth(synthetic)
+    """Members are ranked by the mean over folds of each fold's mAP: a fold's rows come from one network."""
+    truth, folds = _truth(synthetic), synthetic.oof.index["fold"].to_numpy()
+
+    def fold_mean(score):
+        return np.mean([_sklearn_map(truth[:, folds == f], score[:, folds == f]) for f in np.unique(folds)])
+
     for block, models in spec.blocks.items():
-        reference = {m: _sklearn_map(truth, synthetic.oof.cell[m]) for m in models}
+        reference = {m: fold_mean(synthetic.oof.cell[m]) for m in models}
         assert spec.members[block] == max(reference, key=reference.get)
         assert spec.members[block].endswith("_0")  # the simulator's strongest model of the family
         assert spec.model_map[spec.members[block]] == pytest.approx(reference[spec.members[block]], abs=1e-9)
@@ -623,8 +628,13 @@ def test_selection_reports_both_metrics_and_chooses_by_its_objective(synthetic, 
     assert chosen.objective == "competition" and set(chosen.metric_scores) == {"competition", "cell"}
     assert chosen.scores == chosen.metric_scores["competition"]
     truth, image_ids = _truth(synthetic), synthetic.oof.index["image_id"].to_numpy()
-    competition = Objective.build("competition", truth, image_ids)
+    folds = synthetic.oof.index["fold"].to_numpy()
+    competition = Objective.build("competition", truth, image_ids, folds)
     assert chosen.model_map == pytest.approx({m: competition.map(synthetic.oof.cell[m]) for m in synthetic.oof.models})
+    by_fold = [Objective.build("competition", truth[:, folds == f], image_ids[folds == f]).map(
+        synthetic.oof.cell[m][:, folds == f]) for f in np.unique(folds) for m in [synthetic.oof.models[0]]]
+    assert chosen.model_map[synthetic.oof.models[0]] == pytest.approx(np.mean(by_fold))
+    assert competition.pooled().map(synthetic.oof.cell[synthetic.oof.models[0]]) != pytest.approx(np.mean(by_fold))
     assert spec.metric_scores["cell"]["hcpl"].nested_mean == spec.scores["hcpl"].nested_mean
     assert "competition mAP (the objective)" in chosen.report() and "cell mAP" in chosen.report()
     assert EnsembleSpec.from_dict(json.loads(json.dumps(chosen.to_dict()))).metric_scores == chosen.metric_scores
