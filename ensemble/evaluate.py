@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,8 +199,9 @@ class Comparison:
                 f"({self.confidence:.0%} interval, paired bootstrap over {self.n_images} images)")
 
 
-def compare(predictions: str | Path, data_root: str | Path, baseline: str, *, candidate: str = "ensemble",
-            iou: float = 0.6, confidence: float = 0.9, n_resamples: int = 1000, seed: int = 0) -> Comparison:
+def compare(predictions: str | Path | Sequence[str | Path], data_root: str | Path | Sequence[str | Path],
+            baseline: str, *, candidate: str = "ensemble", iou: float = 0.6, confidence: float = 0.9,
+            n_resamples: int = 1000, seed: int = 0) -> Comparison:
     """Candidate minus baseline on the images of ``data_root``, with a bootstrap interval.
 
     On 40 or 80 test images a difference of 0.01 mAP can come from which images happen to be in
@@ -210,10 +211,11 @@ def compare(predictions: str | Path, data_root: str | Path, baseline: str, *, ca
 
     Parameters
     ----------
-    predictions : str or Path
-        A ``preds.parquet`` with member columns (``predict --members``).
-    data_root : str or Path
-        Dataset with ``truth/``.
+    predictions : str or Path, or a sequence of them
+        A ``preds.parquet`` with member columns (``predict --members``); several (each with its
+        ``data_root``) pool their images into one comparison.
+    data_root : str or Path, or a sequence of them
+        Dataset with ``truth/``, one per prediction file.
     baseline, candidate : str
         ``"ensemble"`` or one of :func:`prediction_members`.
     iou : float
@@ -231,15 +233,19 @@ def compare(predictions: str | Path, data_root: str | Path, baseline: str, *, ca
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    known = ["ensemble", *prediction_members(predictions)]
-    for name in (candidate, baseline):
-        if name not in known:
-            raise ValueError(f"{predictions}: no scores of {name!r}; it has {known} (members: predict --members)")
+    sources = list(zip(*(([p] if isinstance(p, str | Path) else list(p)) for p in (predictions, data_root)),
+                       strict=True))
+    for path, _ in sources:
+        known = ["ensemble", *prediction_members(path)]
+        for name in (candidate, baseline):
+            if name not in known:
+                raise ValueError(f"{path}: no scores of {name!r}; it has {known} (members: predict --members)")
     columns = [c for name in (candidate, baseline)
                for c in (CELL_COLUMNS if name == "ensemble" else member_columns(name))]
     # Per image, the (competition, cell) accumulators of the candidate's scores, then the baseline's.
     images: list[list[tuple[CompetitionScores, CellScores]]] = []
-    for image in match_images(predictions, _truth(data_root), columns):
+    matched = (image for path, root in sources for image in match_images(path, _truth(root), columns))
+    for image in matched:
         if image is None:
             continue
         labels, _ = image.cell_labels(iou)

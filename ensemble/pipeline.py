@@ -25,10 +25,11 @@ from ensemble.data.store import CellStore, evaluation_labels
 from ensemble.data.store_build import PrepareReport, prepare
 from ensemble.integrity import IntegrityCV
 from ensemble.integrity.remote import fit_integrity
-from ensemble.metrics import cell_map
+from ensemble.metrics import POSITIVE_THRESHOLD
 from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
 from ensemble.registry import member_checkpoints, needed_models, register_ensemble
-from ensemble.selectors import EnsembleSpec, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
+from ensemble.selectors import EnsembleSpec, Objective, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
+from ensemble.selectors.weighting import WeightingDecision, decide_weighting
 from ensemble.serving import Preprocessing
 from ensemble.storage import join, write_bytes
 from ensemble.trainers.fit import RunContext
@@ -48,31 +49,40 @@ class IntegrityResult:
         The saved :class:`~ensemble.integrity.IntegrityModel` (packed with the ensemble).
     cv : IntegrityCV
         Held-out scores of the detector (cross-validated by image).
-    map_without, map_with : float
-        Cell mAP of the ensemble's nested predictions without and with the held-out integrity
-        weights, on the cells with cell labels.
-    weighting : bool
-        Whether the registered ensemble multiplies its probabilities by the weights.
+    decision : WeightingDecision
+        The ensemble's nested predictions scored under the selection's objective without the
+        held-out integrity weights, with them, and as each outer fold's decision (taken on the
+        other folds) says, on the cells with cell labels; ``decision.weighting`` is whether the
+        registered ensemble multiplies its probabilities by the weights.
+    objective : str
+        The metric of those scores (the selection's).
     """
 
     uri: str
     cv: IntegrityCV
-    map_without: float
-    map_with: float
-    weighting: bool
+    decision: WeightingDecision
+    objective: str
+
+    @property
+    def weighting(self) -> bool:
+        return self.decision.weighting
 
     def metrics(self) -> dict[str, float]:
         """Figures logged to the train_all run."""
         held_out = {f"vid_{name}_{column}": float(value) for (name, column), value in self.cv.scores.stack().items()}
         return {**held_out, "vid_capture_accuracy": float(self.cv.capture_accuracy),
-                "ensemble_nested_map_without_integrity": self.map_without,
-                "ensemble_nested_map_with_integrity": self.map_with}
+                "ensemble_nested_map_without_integrity": self.decision.without,
+                "ensemble_nested_map_with_integrity": self.decision.with_weights,
+                "ensemble_nested_map_integrity_as_decided": self.decision.nested}
 
     def report(self) -> str:
         scores = self.cv.scores.to_string(float_format=lambda v: f"{v:.4f}")
         return (f"Visual integrity (VID, held out by image):\n{scores}\n"
                 f"capture-class accuracy {self.cv.capture_accuracy:.4f}\n"
-                f"ensemble nested cell mAP without weighting {self.map_without:.4f}, with {self.map_with:.4f}"
+                f"ensemble nested {self.objective} mAP without weighting {self.decision.without:.4f}, "
+                f"with {self.decision.with_weights:.4f}, as each fold's decision on the other folds says "
+                f"{self.decision.nested:.4f} (weighting per fold: "
+                f"{', '.join(f'{f}: ' + ('on' if on else 'off') for f, on in self.decision.fold_decisions.items())})"
                 f" -> weighting {'on' if self.weighting else 'off'}")
 
 
@@ -196,9 +206,10 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
 
     The held-out weights (cross-validated by image) multiply the ensemble's nested predictions
     (each fold's cells predicted by the selection fitted without that fold; the in-sample ones
-    when the spec was selected without nesting), so ``weighting: auto`` turns weighting on only
-    where it raised the out-of-sample cell mAP. Resumable: the held-out table and the model are
-    kept under ``{workdir}/integrity``.
+    when the spec was selected without nesting). ``weighting: auto`` turns weighting on where it
+    raises the selection's objective, decided per outer fold on the other folds and reported
+    nested (:func:`~ensemble.selectors.weighting.decide_weighting`). Resumable: the held-out
+    table and the model are kept under ``{workdir}/integrity``.
     """
     settings = zoo.integrity
     store = CellStore(store_uri(workdir))
@@ -211,11 +222,10 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
     labels = store_labels(store).set_index(KEYS).reindex(pd.MultiIndex.from_frame(fused[KEYS]))
     y = labels[LABEL_COLUMNS].to_numpy()
     known = np.isfinite(y).all(axis=1)
-    scores = fused[CELL_COLUMNS].to_numpy()
-    without = cell_map(y[known], scores[known]).map
-    with_ = cell_map(y[known], (scores * w[:, None])[known]).map
-    weighting = settings.weighting == "on" or (settings.weighting == "auto" and with_ > without)
-    return IntegrityResult(uri=model_uri, cv=cv, map_without=without, map_with=with_, weighting=weighting)
+    objective = Objective.build(spec.objective, y[known].T > POSITIVE_THRESHOLD, fused["image_id"].to_numpy()[known])
+    decision = decide_weighting(fused[CELL_COLUMNS].to_numpy()[known], w[known], objective,
+                                fused["fold"].to_numpy()[known], settings.weighting)
+    return IntegrityResult(uri=model_uri, cv=cv, decision=decision, objective=spec.objective)
 
 
 def sweep_model(zoo: str | Zoo, model: str, workdir: str, *, space: str | None = None, num_samples: int = 8,
