@@ -101,10 +101,9 @@ def test_bad_images_are_skipped_and_reported_and_blank_recorded(store):
     assert report["no_cells"] == ["blank"]
 
 
-def test_rerun_on_a_finished_store_returns_at_once(store, dataset):
-    start = time.perf_counter()
+def test_rerun_on_a_finished_store_builds_nothing(store, dataset):
     report = prepare(dataset, store, **SETTINGS)
-    assert report.chunks_built == 0 and time.perf_counter() - start < 5
+    assert report.chunks_built == 0 and report.chunks_reused > 0
     with pytest.raises(StoreMismatchError, match="cell_size"):
         prepare(dataset, store, **{**SETTINGS, "cell_size": 32})
 
