@@ -109,9 +109,11 @@ def sweep(spec: ModelSpec, ctx: RunContext, space: dict[str, Any], *, fold: int 
     )
     results = tuner.fit()
     best = results.get_best_result(metric="val_map", mode="max", scope="all")
-    # One row per trial at its best epoch, plus how many epochs it ran (fewer: ASHA stopped it).
+    # One row per trial at its best epoch, plus how many epochs it ran (fewer: ASHA stopped it; none:
+    # it failed before its first report, and Tune goes on without it).
     trials = results.get_dataframe(filter_metric="val_map", filter_mode="max")
-    epochs_run = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results if r.metrics}
+    epochs_run = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results
+                  if r.metrics and "training_iteration" in r.metrics}
     trials["epochs_run"] = trials["trial_id"].map(epochs_run)
     best_config = {k: v for k, v in best.config.items()}
     best_map = float(trials["val_map"].max())
