@@ -14,6 +14,11 @@ the machine's load:
 - ``per-cell reads (before)``: one range request per cell, the input as it was, on
   ``--before-cells`` cells of the bucket (one epoch; it is slow).
 
+Each epoch is also charged the CPU seconds (user + system) of the whole process tree: the loader
+workers, the main process and the server in it. On a machine shared with other work, wall-clock
+cells/s follow the load; CPU seconds per cell do not, and on a CPU-bound input they set what 2
+idle cores would give.
+
 The bucket is :class:`DelayedRangeServer`, an HTTP server of the store's folder that sleeps
 ``--delay-ms`` before answering each request and sends the bytes with ``sendfile``. Why this and
 not moto or nginx behind a relaying proxy: moto spends 80-220 ms of its own CPU on one range of a
@@ -160,6 +165,20 @@ def node_disk_gib() -> int:
                ["VolumeSize"])
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its children (loader workers) so far."""
+    import psutil
+
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import numpy as np
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "bucket": train_loader(CellStore(remote), rows, spec, cpu),
             "bucket + node cache": train_loader(CellStore(remote, shard_cache=cache), rows, spec, cpu),
         }
-        results = {name: [] for name in inputs}  # per epoch: seconds, cells, requests, bytes
+        results = {name: [] for name in inputs}  # per epoch: seconds, cells, requests, bytes, CPU seconds
         print(f"load average at the start: {os.getloadavg()[0]:.1f}", flush=True)
         for epoch in range(args.epochs):
             # Every other epoch in reverse order, so that a load that drifts during an epoch
@@ -198,14 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, loader in list(inputs.items())[::1 if epoch % 2 == 0 else -1]:
                 start_epoch(loader, epoch)
                 requests, sent = server.counts()
-                started, cells = time.perf_counter(), 0
+                cpu, started, cells = tree_cpu_seconds(), time.perf_counter(), 0
                 for batch in loader:
                     cells += len(batch["index"])
                 seconds = time.perf_counter() - started
+                cpu = tree_cpu_seconds() - cpu
                 after = server.counts()
-                results[name].append((seconds, cells, after[0] - requests, after[1] - sent))
+                results[name].append((seconds, cells, after[0] - requests, after[1] - sent, cpu))
                 print(f"epoch {epoch} {name:>20}: {cells / seconds:7.0f} cells/s, {after[0] - requests:5d} requests, "
-                      f"{(after[1] - sent) / 2**20:8.1f} MiB", flush=True)
+                      f"{(after[1] - sent) / 2**20:8.1f} MiB, {1000 * cpu / cells:6.2f} CPU ms/cell, "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
         inputs.clear()  # stop their workers before the slow epoch below
         before = None
         if args.before_cells:
@@ -223,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     memory = results["memory"]
 
     def rate(epochs) -> float:
-        return sum(c for _, c, _, _ in epochs) / sum(s for s, _, _, _ in epochs)
+        return sum(e[1] for e in epochs) / sum(e[0] for e in epochs)
+
+    def cpu_ms(epochs) -> float:
+        return 1000 * sum(e[4] for e in epochs) / sum(e[1] for e in epochs)
 
     def ratio(epochs) -> float:
         """Median over the later epochs of cells/s against the memory input's in the same epoch."""
-        return float(np.median([(c / s) / (mc / ms) for (s, c, _, _), (ms, mc, _, _) in zip(epochs, memory[later])]))
+        return float(np.median([(e[1] / e[0]) / (m[1] / m[0]) for e, m in zip(epochs, memory[later])]))
 
     later = slice(1, None) if args.epochs > 1 else slice(None)  # epoch 0 starts workers (and fills the cache)
     baseline = rate(memory[later])
@@ -236,16 +260,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.cell_size} px; job's training rows {len(rows)}; {args.workers} loader workers, batch {args.batch}, "
           f"augment {spec.train.augment}; bucket delay {args.delay_ms:.0f} ms per request; {os.cpu_count()} CPUs")
     print("| input | epoch 1 cells/s | later epochs cells/s | x memory (median of later epochs) "
-          "| requests per epoch (1st, later) | MiB from the bucket per epoch (1st, later) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| CPU ms per cell (later) | x memory by CPU cost | requests per epoch (1st, later) "
+          "| MiB from the bucket per epoch (1st, later) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, epochs in results.items():
         first, rest = epochs[0], epochs[later]
-        print(f"| {name} | {first[1] / first[0]:.0f} | {rate(rest):.0f} | {ratio(rest):.2f} | "
+        print(f"| {name} | {first[1] / first[0]:.0f} | {rate(rest):.0f} | {ratio(rest):.2f} | {cpu_ms(rest):.2f} | "
+              f"{cpu_ms(memory[later]) / cpu_ms(rest):.2f} | "
               f"{first[2]}, {np.mean([e[2] for e in rest]):.0f} | {first[3] / 2**20:.0f}, "
               f"{np.mean([e[3] for e in rest]) / 2**20:.0f} |")
     if before:
-        print(f"| per-cell reads (before), {before[2]} cells | {before[0]:.0f} | | {before[0] / baseline:.3f} | "
-              f"{before[1]} | |")
+        print(f"| per-cell reads (before), {before[2]} cells, 1 epoch | {before[0]:.0f} | | "
+              f"{before[0] / baseline:.3f} (vs memory's later epochs) | | | {before[1]} | |")
     kaggle = KAGGLE_IMAGES * KAGGLE_CELLS_PER_IMAGE * per_cell
     store_mib = (shard_bytes + table_bytes) / 2**20
     print(f"\nmeasured bytes per cell: {per_cell:,.0f} ({shard_bytes / len(local):,.0f} crop, "

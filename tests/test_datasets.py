@@ -202,15 +202,15 @@ def test_stream_windows_mix_whole_blocks_and_drop_last_keeps_full_batches(store)
     stream = CellStream(data, batch_size=8, seed=0, block_cells=10, window_cells=32)
     batches = _epoch(stream, 0, workers=0)
     assert len(batches) == len(data) // 8 and all(len(b["index"]) == 8 for b in batches)
-    # A window (4 batches) holds the cells of whole blocks, in the epoch's block order.
-    block_of = np.empty(len(data), int)
-    for k, items in enumerate(stream._blocks):
-        block_of[items] = k
+    # A window holds the cells of whole blocks, in the epoch's block order: 4 batches here, or
+    # fewer, so that a worker reads at least 4 windows.
+    window = stream.window(len(batches))
+    assert window == 8 * max(1, min(4, len(batches) // 4))
     index = torch.cat([b["index"] for b in batches]).numpy()
     blocks = np.concatenate([stream._blocks[b] for b in np.random.default_rng([0, 0]).permutation(len(stream._blocks))])
-    for start in range(0, len(index) - 32, 32):
-        np.testing.assert_array_equal(np.sort(index[start:start + 32]), np.sort(blocks[start:start + 32]))
-    assert len(np.unique(block_of[index[:32]])) > 1  # the shuffle mixes blocks
+    for start in range(0, len(index) - window, window):
+        np.testing.assert_array_equal(np.sort(index[start:start + window]), np.sort(blocks[start:start + window]))
+    assert not np.array_equal(index[:window], blocks[:window])  # shuffled within the window
 
 
 def test_stream_bags_hold_one_image_each_and_every_cell_once(store):
@@ -267,8 +267,9 @@ def test_remote_stream_reads_windows_not_cells_and_the_shard_cache_reads_the_buc
         index = torch.cat([b["index"] for b in batches]).numpy()
         np.testing.assert_array_equal(torch.cat([b["image"] for b in batches]).numpy(),
                                       np.stack([local[int(i)]["image"].numpy() for i in index]))
-        windows = 2 + -(-len(store) // stream.window)  # at most: a part window per worker, the rest whole
-        assert before >= len(store) and requests <= 2 * len(shards) + windows * len(shards) < before / 3
+        # Per worker: a header per shard, then a request per shard a window touches (a window is at
+        # least a batch).
+        assert before >= len(store) and requests <= 2 * len(shards) + len(stream) * len(shards) < before / 3
 
         cache = tmp_path / "cache"
         cached = CellStream(CellDataset(CellStore(url, shard_cache=cache)), batch_size=8, drop_last=False)

@@ -258,8 +258,9 @@ class CellStream(IterableDataset):
       first items as ``DistributedSampler`` pads, so DDP ranks take the same number of steps),
       cut into batches; loader worker w of W makes the w-th contiguous run of those batches;
     - a worker reads its run a window of about ``window_cells`` cells at a time (a whole number
-      of batches; the next window is read in a thread while it augments the current one) and
-      shuffles each window's items among themselves before batching them.
+      of batches, and at most a quarter of its run, so that a small job too has a next window to
+      read in a thread while the worker augments the current one; :meth:`window`) and shuffles
+      each window's items among themselves before batching them.
 
     Every item is in the epoch once (less the last partial batch with ``drop_last``), in an order
     fixed by the seed, the epoch, the number of ranks and of loader workers. A bag's cells are all
@@ -319,8 +320,7 @@ class CellStream(IterableDataset):
         self.per_rank = -(-int(first_item[-1]) // world_size)
         full = self.per_rank // batch_size
         self.batches = full if drop_last and self.per_rank > batch_size else -(-self.per_rank // batch_size)
-        # Items per window: a whole number of batches, so that no batch spans two windows.
-        self.window = batch_size * max(1, round(window_cells / (dataset.bag_size if bags else 1) / batch_size))
+        self._window_batches = max(1, round(window_cells / (dataset.bag_size if bags else 1) / batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch's order (and, for bags, how images' cells are dealt); call before iterating."""
@@ -331,6 +331,10 @@ class CellStream(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch of this rank."""
         return self.batches
+
+    def window(self, batches: int) -> int:
+        """Items per window of a worker's run of ``batches`` batches: whole batches (none spans two windows)."""
+        return self.batch_size * max(1, min(self._window_batches, batches // 4))
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's items of an epoch, block by block, before the shuffle within windows."""
@@ -359,7 +363,8 @@ class CellStream(IterableDataset):
         lo = worker * self.batches // workers * size
         hi = (worker + 1) * self.batches // workers * size
         items = self.order(epoch)[lo:hi]
-        windows = [items[start:start + self.window] for start in range(0, len(items), self.window)]
+        window = self.window(-(-len(items) // size))
+        windows = [items[start:start + window] for start in range(0, len(items), window)]
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         with ThreadPoolExecutor(max_workers=1) as pool:
             reads = [pool.submit(self._read, window) for window in windows[:1]]
