@@ -12,12 +12,6 @@ crops while the model steps; the training loader is built once per job and its w
 across epochs. Crops are read a window of whole images at a time
 (:class:`~ensemble.data.datasets.CellStream`), or from memory with ``placement.in_memory``; a remote
 store's shards are kept on the node's disk (``placement.shard_cache``), so a job reads the bucket
-once. Crops are read a window of whole images at a time
-(:class:`~ensemble.data.datasets.CellStream`), or from memory with ``placement.in_memory``; a remote
-store's shards are kept on the node's disk (``placement.shard_cache``), so a job reads the bucket
-once. Crops are read a window of whole images at a time
-(:class:`~ensemble.data.datasets.CellStream`), or from memory with ``placement.in_memory``; a remote
-store's shards are kept on the node's disk (``placement.shard_cache``), so a job reads the bucket
 once. On a GPU, batches come in pinned memory and are copied asynchronously; the model
 runs in channels_last memory format under bf16 autocast. Optimiser and learning-rate schedule
 come from timm's factories, named in the zoo's train settings.
