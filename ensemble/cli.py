@@ -73,12 +73,14 @@ def cmd_simulate(args) -> int:
 
 def cmd_prepare(args) -> int:
     from ensemble.checks import check_data, check_segmenter, has_truth, truth_note
+    from ensemble.data import hpa
     from ensemble.data.store_build import prepare
 
     settings = _settings(args.segmenter_setting)
     check_data(_absolute(args.data))
     check_segmenter(args.segmenter, settings)
-    if not has_truth(_absolute(args.data)):
+    # Said once, up front, for a dataset with images to prepare (one without is an error of its own).
+    if not has_truth(_absolute(args.data)) and len(hpa.read_index(_absolute(args.data), args.split)):
         warnings.warn(truth_note(args.data), stacklevel=1)
     # prepare() attaches to Ray itself, only once it has images to segment: a dataset without
     # images or a store of other settings is said before Ray starts.
