@@ -72,10 +72,15 @@ class Plan:
                  f"training jobs on {zoo.cell_size} px crops",
                  self.jobs().to_string(index=False)]
         if self.spaces:
-            lines.append(f"sweeps first: one per model on fold 0 ({len(self.spaces)} sweeps)")
+            lines.append(f"sweeps first: one per model and outer fold, on the other folds "
+                         f"({len(self.spaces)} x {zoo.n_folds} sweeps)")
         if zoo.relabel.rounds:
-            lines.append(f"CRA before them: {zoo.relabel.rounds} rounds x {len(dsas)} DSA models x {zoo.n_folds} "
-                         f"folds = {zoo.relabel.rounds * len(dsas) * zoo.n_folds} jobs")
+            # Nested in the folds: round 1 (weak labels) trains one job per pair of held-out folds,
+            # later rounds one per outer fold and inner fold, each on that outer fold's labels.
+            k, rounds = zoo.n_folds, zoo.relabel.rounds
+            per_dsa = k * (k - 1) // 2 + (rounds - 1) * k * (k - 1)
+            lines.append(f"CRA before them, nested in the folds: {rounds} rounds x {len(dsas)} DSA models = "
+                         f"{per_dsa * len(dsas)} jobs")
         if zoo.integrity.enabled:
             lines.append(f"VID after selection: capture CNN {zoo.integrity.backbone}, {zoo.integrity.cv_splits} splits, "
                          f"learning good and bad cells from {zoo.integrity.labels_csv or 'the cell truth'}")

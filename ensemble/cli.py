@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         training_options(p)
         p.add_argument("--data", default=None, help="dataset root (Kaggle layout); default: a simulated one")
         p.add_argument("--epochs", type=_at_least(1), default=None, help="override every model's epochs")
-        p.add_argument("--sweep", action="store_true", help="sweep each model on fold 0 first, train with the best")
+        p.add_argument("--sweep", action="store_true", help="sweep each model once per outer fold first (on the other folds), train each fold with its best")
         p.add_argument("--relabel-rounds", type=_at_least(0), default=None,
                        help="CRA rounds (default: the zoo's relabel.rounds)")
         p.add_argument("--integrity", choices=INTEGRITY_MODES, default="auto",

@@ -197,7 +197,8 @@ def _model_problem(spec: ModelSpec) -> str | None:
 class RelabelSettings:
     """CRA (``ensemble.trainers.relabel``): rounds of DSA training and re-labelling before the zoo.
 
-    With ``rounds`` > 0 every model of the zoo trains on the last round's labels; 0 keeps the
+    With ``rounds`` > 0 the rounds run nested in the folds (for each outer fold, on the other
+    folds only) and each fold's jobs train on its outer fold's last-round labels; 0 keeps the
     weak (image) labels.
     """
 
