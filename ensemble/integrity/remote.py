@@ -45,7 +45,9 @@ def fit_integrity(store: str, root: str, settings: IntegritySettings, placement:
                           num_gpus=placement.gpus_per_worker if placement.use_gpu else 0)(_fit)
         threads = placement.torch_threads or max(1, int(placement.cpus_per_worker))
         ray.get(task.remote(store, root, settings, threads))
-    return IntegrityCV(scores=read_parquet(join(root, "scores.parquet")), cells=read_parquet(cv_uri),
+    # The table's index (the score's name) is a column in the file: write_parquet keeps no index.
+    scores = read_parquet(join(root, "scores.parquet")).set_index("score")
+    return IntegrityCV(scores=scores, cells=read_parquet(cv_uri),
                        capture_accuracy=json.loads(read_bytes(join(root, "capture.json")))["accuracy"]), model_uri
 
 
@@ -59,7 +61,7 @@ def _fit(store: str, root: str, settings: IntegritySettings, threads: int) -> No
     cv_uri, model_uri = join(root, "heldout.parquet"), join(root, "model")
     if not exists(cv_uri):
         cv = cross_validate_integrity(store, n_splits=settings.cv_splits, labels_csv=settings.labels_csv, **params)
-        write_parquet(cv.scores, join(root, "scores.parquet"))
+        write_parquet(cv.scores.reset_index(), join(root, "scores.parquet"))
         write_bytes(json.dumps({"accuracy": cv.capture_accuracy}).encode(), join(root, "capture.json"))
         write_parquet(cv.cells, cv_uri)  # last: its presence marks the cross-validation done
     if not exists(join(model_uri, "config.json")):
