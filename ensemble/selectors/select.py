@@ -62,9 +62,10 @@ class HCPLSelector(BaseEstimator):
         Find blocks among the models with an image stream (DSA) and among the cell-level models
         separately, never mixing the two kinds in one block; False clusters all models together.
     prune : bool
-        Visit the blocks' best models in order of their objective score and keep each only if
-        adding it raises the aggregated cell stream's on the fitting rows (the best one is always kept). False
-        keeps one member from every block, as the paper does.
+        Visit the blocks' best models in order of their objective score and leave one out only
+        where adding it lowers the aggregated cell stream's score in every fold of the fitting
+        rows (the best one is always kept). False keeps one member from every block, as the
+        paper does.
     fusion : {"fit", "paper", "off"}
         Per-class image x cell fusion (:func:`~ensemble.selectors.fusion.decide_fusion`):
         ``fit`` tunes ``rho_th`` and per-class overrides on the rows with cell-level truth;
