@@ -63,15 +63,20 @@ def _truth(synthetic) -> np.ndarray:
 # --- fast AP -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("ties", [False, True])
-def test_fast_average_precision_equals_sklearn(ties):
+def test_fast_average_precision_equals_sklearn(ties, dtype):
     rng = np.random.default_rng(0)
     truth = rng.random((6, 5000)) < np.linspace(0.01, 0.5, 6)[:, None]
-    score = rng.random((6, 5000)) + 0.5 * truth
-    if ties:  # coarse scores: many positives and negatives share a value
+    score = rng.random((6, 5000)) + 0.5 * truth - 0.7  # negative scores too: keys must keep their order
+    if ties:  # coarse scores: many positives and negatives share a value, -0.0 and 0.0 among them
         score = np.round(score, 1)
+    score = score.astype(dtype)
     expected = [average_precision_score(t, s) for t, s in zip(truth, score, strict=True)]
     np.testing.assert_allclose(average_precision(truth, score), expected, rtol=0, atol=1e-9)
+    ranked = rng.random(truth.shape) < 0.3
+    expected = [average_precision_score(t[r], s[r]) for t, s, r in zip(truth, score, ranked, strict=True)]
+    np.testing.assert_allclose(average_precision(truth, score, ranked), expected, rtol=0, atol=1e-9)
 
 
 def test_fast_map_equals_the_project_metric(synthetic):
@@ -284,8 +289,8 @@ def test_each_fitted_step_of_a_nested_refit_sees_only_its_training_folds(synthet
 
     fits, fit = {}, select._fit
 
-    def recording_fit(oof, targets, objective, moments, rows, exclude_fold, *args):
-        fits[exclude_fold] = fit(oof, targets, objective, moments, rows, exclude_fold, *args)
+    def recording_fit(oof, targets, objective, moments, fold_maps, rows, exclude_fold, *args):
+        fits[exclude_fold] = fit(oof, targets, objective, moments, fold_maps, rows, exclude_fold, *args)
         return fits[exclude_fold]
 
     monkeypatch.setattr(select, "_fit", recording_fit)

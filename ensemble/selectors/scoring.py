@@ -68,7 +68,9 @@ class _Ranking:
     as positives and which as negatives.
 
     Each class's positives' scores, then its negatives', class after class, are the *ranked
-    values* of a score (:meth:`ranked_values`); AP needs nothing else of it.
+    values* of a score (:meth:`ranked_values`); AP needs nothing else of it. All classes are
+    scored in one vectorised pass (:func:`_segment_ap`), so a small sample (greedy's) costs a few
+    sorts rather than a Python call per class.
 
     Parameters
     ----------
@@ -81,7 +83,15 @@ class _Ranking:
         self.positive = truth if ranked is None else truth & ranked
         self.negative = ~truth if ranked is None else ~truth & ranked
         self.n_positive = self.positive.sum(axis=1)
-        self.offsets = np.r_[0, np.cumsum(self.n_positive + self.negative.sum(axis=1))]
+        n_negative = self.negative.sum(axis=1)
+        self.offsets = np.r_[0, np.cumsum(self.n_positive + n_negative)]
+        classes = np.arange(self.shape[0])
+        is_positive = np.concatenate([np.r_[np.ones(p, bool), np.zeros(n, bool)]
+                                      for p, n in zip(self.n_positive, n_negative, strict=True)] or [np.zeros(0, bool)])
+        self.positive_at = np.flatnonzero(is_positive)
+        self.negative_at = np.flatnonzero(~is_positive)
+        self.positive_class = np.repeat(classes, self.n_positive)
+        self.negative_class = np.repeat(classes, n_negative)
 
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         """Per class, the scores of its positives, then of its negatives, class after class: 1-D."""
@@ -95,17 +105,11 @@ class _Ranking:
 
     def per_class(self, score: np.ndarray) -> np.ndarray:
         """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values` (1-D)."""
-        ranked = score.ndim == 1
-        self._check(score, (self.offsets[-1],) if ranked else self.shape)
-        out = np.full(self.shape[0], np.nan)
-        for k in range(self.shape[0]):
-            if ranked:
-                middle = self.offsets[k] + self.n_positive[k]
-                positives, negatives = score[self.offsets[k] : middle], score[middle : self.offsets[k + 1]]
-            else:
-                positives, negatives = score[k][self.positive[k]], score[k][self.negative[k]]
-            out[k] = _class_ap(positives, negatives)
-        return out
+        if score.ndim != 1:
+            score = self.ranked_values(score)
+        self._check(score, (self.offsets[-1],))
+        return _segment_ap(score[self.positive_at], self.positive_class, score[self.negative_at],
+                           self.negative_class, self.shape[0])
 
     @staticmethod
     def _check(score: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -116,7 +120,8 @@ class _Ranking:
 class _FoldRanking:
     """A :class:`_Ranking` per fold: each class is ranked within each fold apart.
 
-    Ranked values are the folds' ranked values, fold after fold.
+    Ranked values are the folds' ranked values, fold after fold; every (fold, class) is scored in
+    the same vectorised pass.
     """
 
     def __init__(self, truth: np.ndarray, ranked: np.ndarray | None, folds: np.ndarray):
@@ -124,6 +129,13 @@ class _FoldRanking:
         self.parts = [(rows, _Ranking(truth[:, rows], None if ranked is None else ranked[:, rows]))
                       for rows in (np.flatnonzero(folds == fold) for fold in np.unique(folds))]
         self.offsets = np.r_[0, np.cumsum([ranking.offsets[-1] for _, ranking in self.parts])]
+        rankings = [ranking for _, ranking in self.parts]
+        at = self.offsets[:-1]  # where each fold's ranked values start
+        pair = np.arange(len(rankings)) * self.shape[0]  # each fold's first (fold, class) pair
+        self.positive_at = np.concatenate([r.positive_at + a for r, a in zip(rankings, at, strict=True)])
+        self.negative_at = np.concatenate([r.negative_at + a for r, a in zip(rankings, at, strict=True)])
+        self.positive_class = np.concatenate([r.positive_class + p for r, p in zip(rankings, pair, strict=True)])
+        self.negative_class = np.concatenate([r.negative_class + p for r, p in zip(rankings, pair, strict=True)])
 
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         _Ranking._check(score, self.shape)
@@ -131,32 +143,53 @@ class _FoldRanking:
 
     def per_fold(self, score: np.ndarray) -> np.ndarray:
         """(n_folds, n_classes) AP of ``score`` (n_classes, n_cells), or of its ranked values."""
-        if score.ndim == 1:
-            _Ranking._check(score, (self.offsets[-1],))
-            parts = (score[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True))
-        else:
-            _Ranking._check(score, self.shape)
-            parts = (score[:, rows] for rows, _ in self.parts)
-        return np.stack([ranking.per_class(part) for part, (_, ranking) in zip(parts, self.parts, strict=True)])
+        if score.ndim != 1:
+            score = self.ranked_values(score)
+        _Ranking._check(score, (self.offsets[-1],))
+        # The "class" of a value here is its (fold, class) pair: fold * n_classes + class.
+        ap = _segment_ap(score[self.positive_at], self.positive_class, score[self.negative_at], self.negative_class,
+                         len(self.parts) * self.shape[0])
+        return ap.reshape(len(self.parts), self.shape[0])
 
 
-def _class_ap(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """AP of one class from its positives' and negatives' scores (NaN without positives).
+def _segment_ap(positive_scores: np.ndarray, positive_class: np.ndarray, negative_scores: np.ndarray,
+                negative_class: np.ndarray, n_classes: int) -> np.ndarray:
+    """AP of every class at once from its positives' and negatives' scores (NaN without positives).
 
-    Sorting the positives and the negatives apart (unstable, SIMD ``np.sort``) and one binary
-    search give, for each positive, the positives and the negatives that score at least as high.
+    ``positive_class`` and ``negative_class`` give each score's class, in non-decreasing order.
+    Scores are packed with their class into keys that sort class by class, then by score (ties
+    kept), so one sort of the positives and one of the negatives, and one binary search, give
+    for each positive the positives and the negatives of its class that score at least as high.
     """
-    positives = np.sort(positive_scores)
-    n_pos = positives.size
-    if n_pos == 0:
-        return float("nan")
-    # Positives at or above each positive: n_pos minus the index where its tie group starts.
-    group_start = np.ones(n_pos, dtype=bool)
+    keys = _class_score_keys(np.concatenate([positive_scores, negative_scores]),
+                             np.concatenate([positive_class, negative_class]))
+    positives, negatives = np.sort(keys[: positive_scores.size]), np.sort(keys[positive_scores.size :])
+    n_positive = np.bincount(positive_class, minlength=n_classes)
+    n_negative = np.bincount(negative_class, minlength=n_classes)
+    # Positives at or above each positive: its class's end minus the index where its tie group starts.
+    group_start = np.ones(positives.size, dtype=bool)
     np.not_equal(positives[1:], positives[:-1], out=group_start[1:])
-    pos_at_or_above = n_pos - np.maximum.accumulate(np.where(group_start, np.arange(n_pos), 0))
-    negatives = np.sort(negative_scores)
-    neg_at_or_above = negatives.size - np.searchsorted(negatives, positives, side="left")
-    return float(np.mean(pos_at_or_above / (pos_at_or_above + neg_at_or_above)))
+    first_of_group = np.maximum.accumulate(np.where(group_start, np.arange(positives.size), 0))
+    pos_at_or_above = np.cumsum(n_positive)[positive_class] - first_of_group
+    neg_at_or_above = np.cumsum(n_negative)[positive_class] - np.searchsorted(negatives, positives, side="left")
+    precision = pos_at_or_above / (pos_at_or_above + neg_at_or_above)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(positive_class, weights=precision, minlength=n_classes) / n_positive
+
+
+def _class_score_keys(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Integer keys that order (class, score) pairs as a lexicographic sort would, ties equal.
+
+    float32 scores (OOF predictions and their sums) map to their order-preserving bit pattern
+    beside the class, one uint64 each; other dtypes go through their dense rank, which costs one
+    more sort but is exact for any score.
+    """
+    if scores.dtype == np.float32:
+        bits = (scores + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0, its equal
+        ordered = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
+        return (classes.astype(np.uint64) << np.uint64(32)) | ordered
+    values, rank = np.unique(scores, return_inverse=True)
+    return classes.astype(np.int64) * max(values.size, 1) + rank
 
 
 OBJECTIVES = ("competition", "cell")
@@ -256,8 +289,8 @@ class Objective:
             return np.array([self.map(score)])
         return _nanmean(self._ranking.per_fold(score), axis=1)
 
-    def map_many(self, scores: Iterable[np.ndarray], n_jobs: int | None = None) -> np.ndarray:
-        """:meth:`map` of several predictions, optionally on threads.
+    def map_many(self, scores: Iterable[np.ndarray], n_jobs: int | None = None, *, by_fold: bool = False) -> np.ndarray:
+        """:meth:`map` (with ``by_fold``: :meth:`fold_maps`) of several predictions, optionally on threads.
 
         ``np.sort`` and ``np.searchsorted`` release the GIL, so threads (joblib's threading
         backend, as scikit-learn uses for such loops) nearly double the speed on two cores without
@@ -265,7 +298,8 @@ class Objective:
         generator can slice one model's rows at a time.
         """
         _ = self._ranking  # built once, before the threads
-        results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(self.map)(s) for s in scores)
+        score_one = self.fold_maps if by_fold else self.map
+        results = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(score_one)(s) for s in scores)
         return np.asarray(results, dtype=np.float64)
 
 

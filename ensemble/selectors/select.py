@@ -173,15 +173,20 @@ class HCPLSelector(BaseEstimator):
         logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
         moments = prediction_moments(oof, chunk_rows=self.chunk_rows)
         everything = slice(0, oof.n_cells)
-        spec = _fit(oof, targets, chosen, moments, everything, None, self, self.n_jobs)
+        # A model's score on a fit's rows is the mean of its folds' (each fold is ranked apart), so
+        # every model is scored once per fold here, not once per refit.
+        logger.info("scoring %d models", len(oof.models))
+        fold_maps = dict(zip(oof.models, chosen.map_many((oof.cell[m] for m in oof.models), self.n_jobs, by_fold=True),
+                             strict=True))
+        spec = _fit(oof, targets, chosen, moments, fold_maps, everything, None, self, self.n_jobs)
         baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, self.n_jobs)
         predictions = {"hcpl": predict_rows(spec, oof, everything),
                        "hcpl_unfused": predict_rows(spec, oof, everything, fused=False)}
         predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
         held_out = None
         if self.nested:
-            held_out = _nested_predictions(oof, targets, chosen, moments, self, greedy_params, list(predictions),
-                                           self.n_jobs)
+            held_out = _nested_predictions(oof, targets, chosen, moments, fold_maps, self, greedy_params,
+                                           list(predictions), self.n_jobs)
         metric_scores = {name: _method_scores(metric, predictions, held_out, folds) for name, metric in metrics.items()}
         self.spec_ = replace(
             spec,
@@ -235,12 +240,14 @@ def _fit(
     targets: Targets,
     objective: Objective,
     moments: PredictionMoments,
+    fold_maps: Mapping[str, np.ndarray],
     rows: slice | np.ndarray,
     exclude_fold: int | None,
     settings: HCPLSelector,
     n_jobs: int | None,
 ) -> EnsembleSpec:
-    """The whole recipe on ``rows`` (all folds but ``exclude_fold``)."""
+    """The whole recipe on ``rows`` (all folds but ``exclude_fold``); ``fold_maps`` holds each
+    model's score in each fold of the OOF, in the order of the folds' ids."""
     corr = moments.correlation(exclude_fold=exclude_fold, kind=settings.correlation)
     kind_of = None
     if settings.blocks_by_kind:  # the kinds are the hierarchical aggregation's groups
@@ -248,9 +255,8 @@ def _fit(
     blocks = find_blocks(corr, settings.threshold, kind_of)
     objective = objective.on(rows)
     truth = objective.truth
-    logger.info("scoring %d models", len(oof.models))
-    scores = objective.map_many((oof.cell[m][:, rows] for m in oof.models), n_jobs)
-    model_map = dict(zip(oof.models, scores.tolist(), strict=True))
+    kept = np.unique(oof.index["fold"].to_numpy()) != exclude_fold
+    model_map = {m: float(np.nanmean(fold_maps[m][kept])) for m in oof.models}
     members = choose_members(blocks, model_map)
     pruned: dict[str, str] = {}
     if settings.prune:
@@ -410,6 +416,7 @@ def _nested_predictions(
     targets: Targets,
     objective: Objective,
     moments: PredictionMoments,
+    fold_maps: Mapping[str, np.ndarray],
     settings: HCPLSelector,
     greedy_params: GreedyParams | None,
     methods: list[str],
@@ -421,7 +428,7 @@ def _nested_predictions(
     for fold, rows in oof.fold_slices().items():
         logger.info("nested selection: refitting without fold %d", fold)
         train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
-        spec = _fit(oof, targets, objective, moments, train, fold, settings, n_jobs)
+        spec = _fit(oof, targets, objective, moments, fold_maps, train, fold, settings, n_jobs)
         baselines, _ = _fit_baselines(oof, objective, spec, train, greedy_params, n_jobs)
         held_out["hcpl"][:, rows] = predict_rows(spec, oof, rows)
         held_out["hcpl_unfused"][:, rows] = predict_rows(spec, oof, rows, fused=False)
