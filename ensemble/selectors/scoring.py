@@ -269,25 +269,25 @@ class Objective:
         that adds predictions (greedy) can add these, fewer, instead."""
         return self._ranking.ranked_values(score)
 
-    def per_class(self, score: np.ndarray) -> np.ndarray:
-        """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values`; NaN for
-        a class without positives (with ``folds``: the mean over the folds that have some)."""
+    def per_fold_and_class(self, score: np.ndarray) -> np.ndarray:
+        """AP of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values`, per fold and class:
+        (n_folds, n_classes), one row without ``folds``; NaN where a fold has no positive of a class."""
         if self.folds is None:
-            return self._ranking.per_class(score)
-        return _nanmean(self._ranking.per_fold(score), axis=0)
+            return self._ranking.per_class(score)[None]
+        return self._ranking.per_fold(score)
+
+    def per_class(self, score: np.ndarray) -> np.ndarray:
+        """AP per class (with ``folds``: the mean over the folds that have positives of it)."""
+        return _nanmean(self.per_fold_and_class(score), axis=0)
 
     def map(self, score: np.ndarray) -> float:
         """Mean of :meth:`per_class` over the classes with positives (with ``folds``: the mean over
         folds of each fold's), NaN if none has."""
-        if self.folds is None:
-            return float(_nanmean(self._ranking.per_class(score)))
-        return float(_nanmean(_nanmean(self._ranking.per_fold(score), axis=1)))
+        return float(_nanmean(self.fold_maps(score)))
 
     def fold_maps(self, score: np.ndarray) -> np.ndarray:
         """Each fold's mAP of ``score`` (with ``folds``), or the one pooled mAP: 1-D."""
-        if self.folds is None:
-            return np.array([self.map(score)])
-        return _nanmean(self._ranking.per_fold(score), axis=1)
+        return _nanmean(self.per_fold_and_class(score), axis=1)
 
     def map_many(self, scores: Iterable[np.ndarray], n_jobs: int | None = None, *, by_fold: bool = False) -> np.ndarray:
         """:meth:`map` (with ``by_fold``: :meth:`fold_maps`) of several predictions, optionally on threads.

@@ -36,7 +36,7 @@ from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, pred
 from ensemble.selectors.fusion import (FUSION_MODES, aggregate, apply_spec, decide_fusion, image_weights,
                                        predict_rows, stream_correlation)
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
-from ensemble.selectors.scoring import OBJECTIVES, Objective, carried_by_image
+from ensemble.selectors.scoring import OBJECTIVES, Objective, _nanmean, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
 
 logger = logging.getLogger(__name__)
@@ -284,9 +284,10 @@ def _fit(
         scored = targets.cell_level[rows]
         if scored.any():
             on_scored = objective.on(scored)
-            ap_product = on_scored.per_class((cell * image)[:, scored])
-            ap_cell = on_scored.per_class(cell[:, scored])
-            fold_gain = _fold_gain(objective, cell, image, scored, oof.index["fold"].to_numpy()[rows])
+            product_ap = on_scored.per_fold_and_class((cell * image)[:, scored])
+            cell_ap = on_scored.per_fold_and_class(cell[:, scored])
+            ap_product, ap_cell = _nanmean(product_ap, axis=0), _nanmean(cell_ap, axis=0)
+            fold_gain = dict(zip(np.unique(on_scored.folds).tolist(), product_ap - cell_ap, strict=True))
         elif settings.fusion == "fit":
             raise ValueError(f"fusion='fit' found no cell-level truth outside fold {exclude_fold} to fit on")
     rules, rho_th = decide_fusion(
@@ -320,17 +321,6 @@ def _fit(
         model_map=model_map,
         correlation_kind=settings.correlation,
     )
-
-
-def _fold_gain(objective: Objective, cell: np.ndarray, image: np.ndarray, scored: np.ndarray,
-               fold_of_row: np.ndarray) -> dict[int, np.ndarray]:
-    """Per fold: AP of the product minus AP of the cell stream, per class, on its scored rows."""
-    gains = {}
-    for fold in np.unique(fold_of_row):
-        rows = scored & (fold_of_row == fold)
-        on_fold = objective.on(rows)
-        gains[int(fold)] = on_fold.per_class((cell * image)[:, rows]) - on_fold.per_class(cell[:, rows])
-    return gains
 
 
 def _groups(members: Sequence[str], oof: OOFSet, aggregation: str) -> dict[str, list[str]]:
