@@ -11,7 +11,7 @@ on|off|auto`` among them: on data without cell truth (Kaggle's) the VID needs th
 
 import sys
 
-from ensemble.cli import main
+from ensemble.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train-all", *sys.argv[1:]]))

@@ -14,7 +14,7 @@ fusion (what the registered model serves, checked equal to its output) or each f
 fused as selection saw them, then averaged (``hcpl_fold_fused``). These come from one pass of
 every network of the zoo over the same segmented test cells.
 
-Differences are paired over images (:func:`ensemble.evaluate.compare`, 90 % percentile
+Differences are paired over images (:func:`ensemble.serving.evaluate.compare`, 90 % percentile
 bootstrap), per seed and pooled over seeds (the seeds' test images resampled together).
 
     python bench/bench_ensemble.py                         # 3 seeds x 240 images, 200 test images each
@@ -36,16 +36,16 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from ensemble.data import hpa
-from ensemble.data.synthetic import simulate
-from ensemble.evaluate import compare, evaluate
+from ensemble.sim.images import simulate
+from ensemble.serving.evaluate import compare, evaluate
 from ensemble.models.inference import predict_cells
 from ensemble.data.store import CellStore
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, align_labels, load_oof_dir, member_columns
 from ensemble.pipeline import store_labels, store_uri, train_all
-from ensemble.predict import predict_images
-from ensemble.registry import member_checkpoints, save_ensemble
+from ensemble.serving.predict import predict_images
+from ensemble.serving.registry import member_checkpoints, save_ensemble
 from ensemble.selectors import OBJECTIVES, EnsembleSpec, Objective, apply_spec
-from ensemble.serving import Preprocessing, batched, load_ensemble
+from ensemble.serving.model import Preprocessing, batched, load_ensemble
 from ensemble.zoo import load_zoo
 
 # Test images of seed s are simulated with TEST_SEED_BASE + s: a range no demo, test or other

@@ -42,9 +42,9 @@ BAD_SPACES = {
 
 def inputs(root: Path) -> dict[str, Path]:
     """Write the bad inputs under ``root``; return the paths the cases name."""
-    from ensemble.cli import main
+    from ensemble.cli.main import main
     from ensemble.data.store import CellStore
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
     from ensemble.oof import CELL_COLUMNS
 
     for name, text in {**BAD_ZOOS, **BAD_SPACES}.items():

@@ -34,13 +34,13 @@ import pandas as pd
 from PIL import Image
 
 from ensemble.labels import NUM_CLASSES
-from ensemble.submission import Detection, SubmissionImage, encode_cells, write_submission
+from ensemble.serving.submission import Detection, SubmissionImage, encode_cells, write_submission
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
 import ensemble
-from ensemble.evaluate import evaluate
+from ensemble.serving.evaluate import evaluate
 
 def status(key):
     for line in open("/proc/self/status"):

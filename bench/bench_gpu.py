@@ -158,7 +158,7 @@ def build_store(args, work: Path, cell_size: int) -> str:
     import ray
 
     from ensemble.data.store_build import prepare
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
 
     simulate(work / "train-data", args.store_images, seed=0, size=384)
     ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
@@ -219,8 +219,8 @@ def bench_ensemble(args, device, work: Path, table: Table) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_predict import build
 
-    from ensemble.data.synthetic import simulate
-    from ensemble.serving import PredictTimings, load_ensemble
+    from ensemble.sim.images import simulate
+    from ensemble.serving.model import PredictTimings, load_ensemble
     from ensemble.zoo import load_zoo
 
     zoo = load_zoo("hcpl")

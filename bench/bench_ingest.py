@@ -143,7 +143,7 @@ def build_store(work: Path, images: int, cell_size: int) -> str:
     import ray
 
     from ensemble.data.store_build import prepare
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
 
     store = work / "bucket" / "store"
     if not (store / "cells.parquet").exists():

@@ -2,7 +2,7 @@
 
 A small ensemble of the quick zoo's families (by default DSA-RegNet, CLA-MobileNet, CLA-LCNet at
 48 px, each with its 3 fold networks, untrained: speed does not depend on the weights) predicts
-simulated 512 px images through :func:`ensemble.predict.predict_images` (in process). Printed:
+simulated 512 px images through :func:`ensemble.serving.predict.predict_images` (in process). Printed:
 
 - the baseline, measured in the same run on the same images: segmentation alone (the classical
   segmenter on images already in memory);
@@ -27,11 +27,12 @@ import torch
 
 from ensemble.data.hpa import read_image
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate
-from ensemble.predict import predict_images
-from ensemble.registry import MemberCheckpoints, save_ensemble
-from ensemble.serving import Preprocessing
-from ensemble.selectors import OOFSet, make_synthetic_oof, select_ensemble
+from ensemble.sim.images import simulate
+from ensemble.serving.predict import predict_images
+from ensemble.serving.registry import MemberCheckpoints, save_ensemble
+from ensemble.serving.model import Preprocessing
+from ensemble.sim.oof import make_synthetic_oof
+from ensemble.selectors import OOFSet, select_ensemble
 from ensemble.models import build_model
 from ensemble.zoo import ModelSpec, load_zoo
 

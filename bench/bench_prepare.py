@@ -36,7 +36,7 @@ from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_index, read_truth
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 
 
 def dataset(workdir: Path, size: int, n_images: int) -> Path:

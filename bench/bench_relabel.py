@@ -33,7 +33,7 @@ from ensemble.data.store import CellStore
 from ensemble.storage import join
 from ensemble.trainers.relabel import (DEFAULT_BETA, combined_confidence, cra_rounds, fold_specs, nested_trainer,
                                        oof_maps, power_normalise, relabelled_zoo, zoo_trainer)
-from ensemble.trainers.zoo import train_zoo
+from ensemble.trainers.jobs import train_zoo
 from ensemble.zoo import load_zoo
 
 BETAS = (0.25, 0.5, 1.0, 2.0)

@@ -1,6 +1,6 @@
 """The paper's ablations, measured against cell truth on held-out simulated images (issue 19).
 
-Per seed, the main job's own chain (:func:`ensemble.demo.run_demo`) on a simulated training set:
+Per seed, the main job's own chain (:func:`ensemble.cli.demo.run_demo`) on a simulated training set:
 the zoo with two CRA rounds and the VID, selection, registration, then the champion predicting
 simulated test images of another seed. Besides, the zoo's CLAs train once more on the weak
 labels, so CRA's effect on the final models is measured too. Printed, per seed and as the mean
@@ -40,8 +40,8 @@ import pandas as pd
 
 from bench_vid import machine, markdown
 from ensemble.data.store import CellStore, evaluation_labels
-from ensemble.demo import run_demo
-from ensemble.evaluate import compare, evaluate, prediction_members
+from ensemble.cli.demo import run_demo
+from ensemble.serving.evaluate import compare, evaluate, prediction_members
 from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.pipeline import store_uri

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ensemble.data.segment import ClassicalSegmenter, match_cells
-from ensemble.data.synthetic import simulate_image
+from ensemble.sim.images import simulate_image
 
 
 def evaluate(segmenter, difficulty: str, size: int, n_images: int) -> dict:

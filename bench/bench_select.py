@@ -48,12 +48,12 @@ def current_rss() -> int:
 
 
 def child(step: str, n_models: int, n_cells: int, n_folds: int, n_jobs: int) -> dict:
+    from ensemble.sim.oof import make_synthetic_oof
     from ensemble.selectors import (
         GreedyParams,
         Objective,
         correlation_matrix,
         greedy_selection,
-        make_synthetic_oof,
         select_ensemble,
     )
 

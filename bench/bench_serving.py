@@ -42,11 +42,11 @@ import torch
 
 from bench_predict import ensemble_spec
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.labels import CHANNELS
 from ensemble.models import build_model
-from ensemble.registry import MemberCheckpoints, register_ensemble
-from ensemble.serving import Preprocessing
+from ensemble.serving.registry import MemberCheckpoints, register_ensemble
+from ensemble.serving.model import Preprocessing
 from ensemble.zoo import load_zoo
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ensemble.data.synthetic import PNG_OPTIONS, simulate, simulate_image, to_uint
+from ensemble.sim.images import PNG_OPTIONS, simulate, simulate_image, to_uint
 from ensemble.labels import CHANNELS
 
 

@@ -30,7 +30,7 @@ import ray
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.datasets import CellDataset
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 
 BATCH = 64
 

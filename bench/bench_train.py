@@ -34,12 +34,12 @@ from ensemble import tracking
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.datasets import CellDataset
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.trainers.fit import RunContext, trainer_for
 from ensemble.models import build_model
 from ensemble.trainers.loop import _criterion, start_epoch, train_loader
 from ensemble.zoo import ModelSpec, Placement, TrainSettings, load_zoo
-from ensemble.trainers.zoo import train_zoo
+from ensemble.trainers.jobs import train_zoo
 
 THREADS = 2
 

@@ -25,7 +25,7 @@ import torch
 
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.integrity import cross_validate_integrity, simulated_good
 from ensemble.metrics import cell_map
 from ensemble.storage import read_parquet

@@ -17,7 +17,8 @@ import time
 
 from bench_select import families_for
 
-from ensemble.selectors import make_synthetic_oof, select_ensemble
+from ensemble.sim.oof import make_synthetic_oof
+from ensemble.selectors import select_ensemble
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ class MapResult:
 
 
 @dataclass(frozen=True)
-class ImageCells:
+class MaskedCells:
     """The cells of one image: an instance mask and one row of 19 values per cell.
 
     Used for predictions (``values`` = class scores) and for ground truth (``values`` = 0/1 or
@@ -116,8 +116,8 @@ def cell_map(
 
 
 def competition_map(
-    predictions: Mapping[str, ImageCells],
-    truth: Mapping[str, ImageCells],
+    predictions: Mapping[str, MaskedCells],
+    truth: Mapping[str, MaskedCells],
     iou_threshold: float = 0.6,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> MapResult:
@@ -139,10 +139,10 @@ def competition_map(
 
     Parameters
     ----------
-    predictions : mapping image_id -> ImageCells
+    predictions : mapping image_id -> MaskedCells
         Predicted instance mask and per-cell class scores. Images missing here count as
         images with no detections.
-    truth : mapping image_id -> ImageCells
+    truth : mapping image_id -> MaskedCells
         Ground-truth instance mask and per-cell labels. Predicted images missing here are ignored.
     iou_threshold : float
         Least mask IoU of a match (0.6 in the competition).

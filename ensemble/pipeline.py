@@ -27,15 +27,15 @@ from ensemble.integrity import IntegrityCV
 from ensemble.integrity.remote import fit_integrity
 from ensemble.metrics import POSITIVE_THRESHOLD
 from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
-from ensemble.registry import member_checkpoints, needed_models, register_ensemble
+from ensemble.serving.registry import member_checkpoints, needed_models, register_ensemble
 from ensemble.selectors import EnsembleSpec, Objective, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
 from ensemble.selectors.weighting import WeightingDecision, decide_weighting
-from ensemble.serving import Preprocessing
+from ensemble.serving.model import Preprocessing
 from ensemble.storage import join, write_bytes
 from ensemble.trainers.fit import RunContext
 from ensemble.trainers.relabel import RoundResult, cra_rounds, fold_specs, nested_trainer
 from ensemble.trainers.sweep import SweepResult, apply_config, load_search_space, read_best_config, sweep
-from ensemble.trainers.zoo import FoldSpecs, JobsFailedError, TrainAllResult, train_zoo  # noqa: F401  (the CLI's)
+from ensemble.trainers.jobs import FoldSpecs, JobsFailedError, TrainAllResult, train_zoo  # noqa: F401  (the CLI's)
 from ensemble.zoo import ModelSpec, Zoo, load_zoo
 
 

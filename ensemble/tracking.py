@@ -78,7 +78,7 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_REGISTERED_MODEL = "registered_model"
 TAG_MODEL_VERSION = "model_version"
 
-# Tags of each registered model version (ensemble.governance), beside TAG_ZOO and TAG_FINGERPRINT.
+# Tags of each registered model version (ensemble.serving.governance), beside TAG_ZOO and TAG_FINGERPRINT.
 TAG_MEMBERS = "members"
 TAG_NESTED_SCORE = "nested_score"        # the selection's nested out-of-sample OOF cell mAP
 TAG_TEST_SCORE = "test_score"            # competition mAP on a labelled test set (ensemble evaluate)

@@ -35,7 +35,7 @@ def local_ray():
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """24 simulated 256 px images with cell truth (Kaggle layout)."""
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
 
     root = tmp_path_factory.mktemp("small_dataset")
     simulate(root, n_images=24, seed=3, size=256, difficulty="easy")

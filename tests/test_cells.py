@@ -21,7 +21,7 @@ from ensemble.data.store import CellStore
 from ensemble.data.store_build import StoreMismatchError, prepare
 from ensemble.data.folds import assign_folds
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.labels import CHANNELS
 
 SETTINGS = dict(cell_size=24, n_folds=3, seed=0, chunk_size=2, progress=False)

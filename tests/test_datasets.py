@@ -13,7 +13,7 @@ from ensemble.data.augment import build_augment
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChunks, make_loader
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_training_input_equals_what_serving_cuts_after_the_same_scaling(store, d
     from ensemble.data.features import FeatureSettings
     from ensemble.data.segment import create_segmenter
     from ensemble.models import fit_size
-    from ensemble.serving import Preprocessing
+    from ensemble.serving.model import Preprocessing
     from ensemble.trainers.loop import _inputs
     from ensemble.zoo import ModelSpec
 

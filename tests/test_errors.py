@@ -23,7 +23,7 @@ import ray
 from PIL import Image
 
 from ensemble import tracking
-from ensemble.cli import main
+from ensemble.cli.main import main
 from ensemble.data.store import CellStore
 from ensemble.oof import CELL_COLUMNS
 
@@ -172,7 +172,7 @@ def test_dry_run_lists_the_jobs_and_starts_nothing(tmp_path, capsys, zoo_file, m
 @pytest.fixture(scope="module")
 def kaggle_data(tmp_path_factory) -> Path:
     """A dataset as Kaggle gives it: images and image labels, no cell truth."""
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
 
     root = tmp_path_factory.mktemp("kaggle")
     simulate(root, n_images=1, seed=0, size=96, truth=False)
@@ -311,7 +311,7 @@ def test_filter_strings_quote_names(tmp_path):
 
 def test_a_model_that_cannot_run_stops_training_before_any_job_or_run(tmp_path, zoo_file):
     from ensemble.checks import JobConfigError
-    from ensemble.trainers.zoo import train_zoo
+    from ensemble.trainers.jobs import train_zoo
     from ensemble.zoo import load_zoo
 
     zoo = load_zoo(zoo_file(TINY_ZOO.replace("test_efficientnet}", "test_vit, cell_size: 20}")))
@@ -321,7 +321,7 @@ def test_a_model_that_cannot_run_stops_training_before_any_job_or_run(tmp_path, 
 
 
 def test_the_failure_report_says_re_run_only_where_it_helps():
-    from ensemble.trainers.zoo import failure_report
+    from ensemble.trainers.jobs import failure_report
 
     mixed = failure_report([("cla_a", 0, ValueError("shapes (2, 3) and (4,) differ")), ("cla_b", 1, OSError("disk full"))],
                            "zoo.yaml")
@@ -338,7 +338,7 @@ def test_the_failure_report_says_re_run_only_where_it_helps():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from ensemble.data.synthetic import simulate
+    from ensemble.sim.images import simulate
 
     root = tmp_path_factory.mktemp("data")
     simulate(root, 6, seed=1, size=128)

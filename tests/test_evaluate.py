@@ -11,12 +11,12 @@ from pycocotools import mask as coco_mask
 
 from ensemble.data.hpa import read_truth
 from ensemble.data.segment import match_cells
-from ensemble.evaluate import COUNTS, compare, evaluate
+from ensemble.serving.evaluate import COUNTS, compare, evaluate
 from ensemble.labels import NUM_CLASSES
-from ensemble.metrics import ImageCells, cell_map, competition_map
+from ensemble.metrics import MaskedCells, cell_map, competition_map
 from ensemble.oof import CELL_COLUMNS
-from ensemble.serving import OUTPUT_COLUMNS
-from ensemble.submission import (Detection, SubmissionImage, cell_rles, encode_cells, encode_mask, iter_submission,
+from ensemble.serving.model import OUTPUT_COLUMNS
+from ensemble.serving.submission import (Detection, SubmissionImage, cell_rles, encode_cells, encode_mask, iter_submission,
                                  read_submission, write_submission)
 
 
@@ -59,14 +59,14 @@ def shifted_predictions(root, ids, seed=0):
         cell_ids = np.unique(mask)[1:]
         mask[mask == cell_ids[0]] = 0
         cell_ids = cell_ids[1:]
-        predicted[image_id] = ImageCells(mask, cell_ids, np.round(rng.random((len(cell_ids), NUM_CLASSES)), 4))
+        predicted[image_id] = MaskedCells(mask, cell_ids, np.round(rng.random((len(cell_ids), NUM_CLASSES)), 4))
     return predicted
 
 
 def in_memory_scores(predicted, root, iou=0.6):
     """The metrics on whole masks held in memory, as evaluate computed them before it streamed."""
     truth = read_truth(root)
-    true_cells = {i: ImageCells(truth.mask(i), *truth.cell_labels(i)) for i in truth.image_ids}
+    true_cells = {i: MaskedCells(truth.mask(i), *truth.cell_labels(i)) for i in truth.image_ids}
     labels, scores = [], []
     for image_id, cells in predicted.items():
         true_ids, true_labels = truth.cell_labels(image_id)
@@ -108,7 +108,7 @@ def test_streaming_scores_equal_the_in_memory_metrics_and_count_missed_images(sm
         assert "24 images with truth, 18 of them without any predicted cell" in result.report()
         assert COUNTS in result.report()
     # The images nobody predicted are what keeps the competition metric down.
-    only_predicted = competition_map(predicted, {i: ImageCells(read_truth(small_dataset).mask(i),
+    only_predicted = competition_map(predicted, {i: MaskedCells(read_truth(small_dataset).mask(i),
                                                                *read_truth(small_dataset).cell_labels(i))
                                                  for i in predicted})
     assert only_predicted.map > competition.map

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
-from ensemble.metrics import ImageCells, cell_map, competition_map, mask_iou, oid_average_precision
+from ensemble.metrics import MaskedCells, cell_map, competition_map, mask_iou, oid_average_precision
 
 
 def row_mask(width: int, runs: list[tuple[int, int]]) -> np.ndarray:
@@ -20,14 +20,14 @@ def row_mask(width: int, runs: list[tuple[int, int]]) -> np.ndarray:
     return mask
 
 
-def cells(mask: np.ndarray, values: dict[int, dict[int, float]]) -> ImageCells:
-    """ImageCells of cells 1..n of ``mask``; ``values[cell][class]`` (missing entries are 0)."""
+def cells(mask: np.ndarray, values: dict[int, dict[int, float]]) -> MaskedCells:
+    """MaskedCells of cells 1..n of ``mask``; ``values[cell][class]`` (missing entries are 0)."""
     ids = sorted(values)
     table = np.zeros((len(ids), NUM_CLASSES))
     for row, cell_id in enumerate(ids):
         for c, value in values[cell_id].items():
             table[row, c] = value
-    return ImageCells(mask, np.array(ids), table)
+    return MaskedCells(mask, np.array(ids), table)
 
 
 def test_perfect_prediction_scores_one():
@@ -139,9 +139,9 @@ def test_mask_iou_matches_pixel_counting():
 
 def test_image_cells_rejects_bad_input():
     with pytest.raises(ValueError, match="values must be"):
-        ImageCells(np.zeros((2, 2)), [1, 2], np.zeros((3, NUM_CLASSES)))
+        MaskedCells(np.zeros((2, 2)), [1, 2], np.zeros((3, NUM_CLASSES)))
     with pytest.raises(ValueError, match="distinct positive"):
-        ImageCells(np.zeros((2, 2)), [0], np.zeros((1, NUM_CLASSES)))
+        MaskedCells(np.zeros((2, 2)), [0], np.zeros((1, NUM_CLASSES)))
 
 
 # --- cell mAP -------------------------------------------------------------------------------

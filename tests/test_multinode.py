@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ensemble import tracking
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.oof import CELL_COLUMNS
 from test_cluster import BIN, REPO, free_port, wait_for_http
 

@@ -18,18 +18,18 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
-from ensemble.cli_product import add_commands
+from ensemble.cli.product import add_commands
 from ensemble.data.hpa import read_image, read_truth
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate
-from ensemble.evaluate import COUNTS, evaluate, prediction_members
+from ensemble.sim.images import simulate
+from ensemble.serving.evaluate import COUNTS, evaluate, prediction_members
 from ensemble.labels import CHANNELS, CLASS_NAMES, NUM_CLASSES
-from ensemble.predict import PredictResult, predict_images, write_predictions
+from ensemble.serving.predict import PredictResult, predict_images, write_predictions
 from ensemble.oof import CELL_COLUMNS
-from ensemble.registry import save_ensemble
-from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
-from ensemble.serving_io import SERVING_COLUMNS
-from ensemble.submission import decode_mask, encode_mask, read_submission
+from ensemble.serving.registry import save_ensemble
+from ensemble.serving.model import OUTPUT_COLUMNS, Preprocessing, load_ensemble
+from ensemble.serving.inputs import SERVING_COLUMNS
+from ensemble.serving.submission import decode_mask, encode_mask, read_submission
 from test_registry import tiny_members, tiny_spec
 
 PREPROCESSING = Preprocessing(create_segmenter("classical").describe(), cell_size=32)
@@ -96,10 +96,10 @@ def test_local_predict_skips_bad_images_and_writes_one_row_per_cell(local, image
 
 def test_model_registered_in_the_old_form_still_loads_and_predicts_the_same(model_dir, images, local, tmp_path,
                                                                           monkeypatch):
-    """Models saved before models from code, serving.py and the one name cell_size: a pickled
-    python_model named ensemble.registry.EnsembleModel, no code of their own, the old input
+    """Models saved before models from code and the one name cell_size: a pickled python_model
+    (here named ensemble.serving.registry.EnsembleModel), no code of their own, the old input
     signature (image_id, root[, split]); config.json says crop_size, image_size and placement in train."""
-    from ensemble.serving import EnsembleModel
+    from ensemble.serving.model import EnsembleModel
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(Path(model_dir) / "artifacts", artifacts)
@@ -112,12 +112,12 @@ def test_model_registered_in_the_old_form_still_loads_and_predicts_the_same(mode
     old = tmp_path / "old"
     signature = ModelSignature(inputs=Schema([ColSpec("string", "image_id"), ColSpec("string", "root"),
                                               ColSpec("string", "split", required=False)]))
-    monkeypatch.setattr(EnsembleModel, "__module__", "ensemble.registry")
+    monkeypatch.setattr(EnsembleModel, "__module__", "ensemble.serving.registry")
     mlflow.pyfunc.save_model(str(old), python_model=EnsembleModel(), signature=signature, pip_requirements=[],
                              artifacts={name: str(artifacts / file) for name, file in (
                                  ("config", "config.json"), ("ensemble_spec", "ensemble_spec.json"), ("members", "members"))})
     monkeypatch.undo()
-    assert b"ensemble.registry" in (old / "python_model.pkl").read_bytes()
+    assert b"ensemble.serving.registry" in (old / "python_model.pkl").read_bytes()
     assert not (old / "code").exists() and "model_code_path" not in (old / "MLmodel").read_text()
     again = predict_images(str(old), images, out=tmp_path / "preds.parquet", engine="local", batch_size=3,
                            progress=False)

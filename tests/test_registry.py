@@ -29,22 +29,23 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ensemble import tracking
-from ensemble.cli_product import PROMOTE as CLI_PROMOTE
-from ensemble.cli_product import add_commands
-from ensemble.governance import PROMOTE, VersionScores, decide_promotion, list_versions
+from ensemble.cli.product import PROMOTE as CLI_PROMOTE
+from ensemble.cli.product import add_commands
+from ensemble.serving.governance import PROMOTE, VersionScores, decide_promotion, list_versions
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_image
-from ensemble.data.synthetic import simulate
+from ensemble.sim.images import simulate
 from ensemble.labels import CHANNELS, CLASS_NAMES
-from ensemble.predict import predict_images
+from ensemble.serving.predict import predict_images
 from ensemble.models import build_model
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
-from ensemble.registry import MemberCheckpoints, member_checkpoints, register_ensemble, save_ensemble
-from ensemble.serving import OUTPUT_COLUMNS, Preprocessing, load_ensemble
-from ensemble.selectors import MethodScore, apply_spec, make_synthetic_oof, select_ensemble
-from ensemble.serving_io import SERVING_COLUMNS
-from ensemble.submission import decode_mask
+from ensemble.serving.registry import MemberCheckpoints, member_checkpoints, register_ensemble, save_ensemble
+from ensemble.serving.model import OUTPUT_COLUMNS, Preprocessing, load_ensemble
+from ensemble.sim.oof import make_synthetic_oof
+from ensemble.selectors import MethodScore, apply_spec, select_ensemble
+from ensemble.serving.inputs import SERVING_COLUMNS
+from ensemble.serving.submission import decode_mask
 from ensemble.trainers.loop import predict_rows
 from ensemble.zoo import ModelSpec
 
@@ -505,9 +506,9 @@ def in_bucket(s3_bucket, new_images, tmp_path_factory) -> SimpleNamespace:
     an ID list and a given mask of one of them, a spec, predictions that are the truth itself, and
     a dataset as Kaggle gives it (no truth)."""
     from ensemble.data.hpa import read_truth
-    from ensemble.predict import write_predictions
+    from ensemble.serving.predict import write_predictions
     from ensemble.storage import filesystem, write_bytes
-    from ensemble.submission import encode_cells
+    from ensemble.serving.submission import encode_cells
 
     fs, _ = filesystem(s3_bucket)
     fs.put(f"{new_images.root}/", f"{s3_bucket}/new/", recursive=True)
@@ -539,7 +540,7 @@ def test_every_path_the_cli_takes_may_be_a_url(command, in_bucket, trained, regi
                                                capsys):
     """Each command reads its inputs from, and writes its outputs to, the bucket, and nothing here
     (a URL taken for a local path would make a folder named ``s3:``)."""
-    from ensemble.cli import main
+    from ensemble.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     b = in_bucket.url

@@ -16,7 +16,7 @@ from ensemble.data.segment import (
     from_given_mask,
     match_cells,
 )
-from ensemble.data.synthetic import simulate_image
+from ensemble.sim.images import simulate_image
 
 
 def test_classical_segmenter_matches_90_percent_of_medium_cells():

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from sklearn.metrics import adjusted_rand_score, average_precision_score
 
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
+from ensemble.sim.oof import make_synthetic_oof
 from ensemble.selectors import (
     EnsembleSpec,
     GreedyParams,
@@ -26,7 +27,6 @@ from ensemble.selectors import (
     load_oof_dir,
     load_oof_mlflow,
     log_to_mlflow,
-    make_synthetic_oof,
     mean_average_precision,
     plot_correlation,
     prediction_moments,

@@ -30,13 +30,13 @@ from PIL import Image
 
 from ensemble.data.hpa import stack_channels
 from ensemble.data.segment import create_segmenter
-from ensemble.data.synthetic import simulate, simulate_image, to_uint
+from ensemble.sim.images import simulate, simulate_image, to_uint
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.oof import CELL_COLUMNS
-from ensemble.registry import register_ensemble
-from ensemble.serving import Preprocessing, load_ensemble
-from ensemble.serving_io import SERVING_COLUMNS, image_row, png_base64
-from ensemble.submission import decode_mask
+from ensemble.serving.registry import register_ensemble
+from ensemble.serving.model import Preprocessing, load_ensemble
+from ensemble.serving.inputs import SERVING_COLUMNS, image_row, png_base64
+from ensemble.serving.submission import decode_mask
 from test_registry import MlflowServer, tiny_members, tiny_spec
 
 CHAMPION = "models:/hpa-ensemble@champion"

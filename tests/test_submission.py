@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from ensemble.submission import (
+from ensemble.serving.submission import (
     Detection,
     SubmissionImage,
     cell_detections,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ensemble.data.synthetic import (
+from ensemble.sim.images import (
     CLASS_SHARE,
     COUNT_SHARE,
     DIFFICULTIES,
@@ -21,7 +21,7 @@ from ensemble.data.synthetic import (
     simulate_image,
 )
 from ensemble.labels import CHANNELS, NEGATIVE, NUM_CLASSES, parse_labels
-from ensemble.plots import contact_sheet
+from ensemble.sim.sheet import contact_sheet
 
 SIZE = 192
 SEED = 11
@@ -85,7 +85,7 @@ def test_16_bit_images_hold_the_same_picture(tmp_path):
 
 def test_kaggle_mode_writes_only_what_the_competition_gives(tmp_path, capsys):
     """16-bit channel PNGs and train.csv, nothing else: the same images as with truth, without it."""
-    from ensemble.cli import main
+    from ensemble.cli.main import main
 
     assert main(["simulate", str(tmp_path / "kaggle"), "--kaggle", "--images", "2", "--seed", "3",
                  "--image-px", "128"]) == 0

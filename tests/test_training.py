@@ -17,7 +17,7 @@ from ensemble import tracking
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.models import build_model
-from ensemble.serving import load_ensemble
+from ensemble.serving.model import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
@@ -26,7 +26,7 @@ from ensemble.pipeline import relabel_step, select_step, sweep_step, train_all
 from ensemble.trainers import loop
 from ensemble.zoo import IntegritySettings, ModelSpec, RelabelSettings, SpecError, TrainSettings, load_zoo
 from ensemble.trainers.sweep import load_search_space, sweep
-from ensemble.trainers.zoo import train_zoo
+from ensemble.trainers.jobs import train_zoo
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")

@@ -19,7 +19,6 @@ from ensemble.selectors.plots import plot_correlation
 from ensemble.selectors.scoring import OBJECTIVES, Objective, average_precision, mean_average_precision
 from ensemble.selectors.select import HCPLSelector, select_ensemble
 from ensemble.selectors.spec import EnsembleSpec, MethodScore, log_to_mlflow
-from ensemble.selectors.synthetic_oof import SyntheticOOF, make_synthetic_oof
 
 __all__ = [
     "OBJECTIVES",
@@ -35,7 +34,6 @@ __all__ = [
     "OOFSet",
     "Objective",
     "PredictionMoments",
-    "SyntheticOOF",
     "Targets",
     "align_labels",
     "apply_spec",
@@ -48,7 +46,6 @@ __all__ = [
     "load_oof_dir",
     "load_oof_mlflow",
     "log_to_mlflow",
-    "make_synthetic_oof",
     "mean_average_precision",
     "plot_correlation",
     "prediction_moments",

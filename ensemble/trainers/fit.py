@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from ensemble import tracking
 from ensemble.models.backbones import family_of
-from ensemble.plots import training_curves
+from ensemble.trainers.curves import training_curves
 from ensemble.cluster import job_bundle
 from ensemble.storage import arrow_filesystem, join, read_bytes
 from ensemble.trainers.loop import OOF_METRICS, JobConfig, train_loop_per_worker

@@ -40,7 +40,7 @@ from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, KEYS
 from ensemble.storage import join, read_parquet, write_parquet
 from ensemble.trainers.fit import oof_uri
-from ensemble.trainers.zoo import Job, open_zoo, run_jobs, train_zoo
+from ensemble.trainers.jobs import Job, open_zoo, run_jobs, train_zoo
 from ensemble.zoo import ModelSpec, Zoo
 
 # The paper's Fig. 3c: about 60 % of the combined confidences of image labels are below 0.1,
@@ -322,7 +322,7 @@ def zoo_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...] =
     heads : tuple of str
         Heads of the zoo to train.
     **train_zoo_kwargs
-        Passed to :func:`ensemble.trainers.zoo.train_zoo` (``tracking_uri``, ``experiment``, ...).
+        Passed to :func:`ensemble.trainers.jobs.train_zoo` (``tracking_uri``, ``experiment``, ...).
     """
     relabelled_zoo(zoo, "weak", heads)  # fail now, not after a round of training, if no model fits
 
@@ -339,7 +339,7 @@ def nested_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...
     """A ``train_dsas`` for :func:`cra_rounds`: each outer fold's models on its label version, on the other folds.
 
     For outer fold j and each other fold i, one job trains on every fold but i and j and predicts
-    both (:class:`~ensemble.trainers.zoo.Job` ``without``); fold j's inner OOF table is fold i's
+    both (:class:`~ensemble.trainers.jobs.Job` ``without``); fold j's inner OOF table is fold i's
     rows of each such job, written to ``{workdir}/labels-{version}/oof/outer{j}/{model}.parquet``.
     The models of a label version train as zoo ``{zoo}-{version}`` (:func:`relabelled_zoo`: its own
     MLflow experiment and ``{workdir}/labels-{version}``). A job is its version, model and pair

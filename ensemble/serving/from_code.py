@@ -7,6 +7,6 @@ the spec and the preprocessing are artifacts that :meth:`EnsembleModel.load_cont
 
 import mlflow
 
-from ensemble.serving import EnsembleModel
+from ensemble.serving.model import EnsembleModel
 
 mlflow.models.set_model(EnsembleModel())

@@ -14,7 +14,7 @@ import argparse
 
 from ensemble.labels import CHANNELS
 
-# ensemble.governance.PROMOTE, spelled out: importing it would load MLflow for every command.
+# ensemble.serving.governance.PROMOTE, spelled out: importing it would load MLflow for every command.
 PROMOTE = ("if-better", "always", "never")
 
 
@@ -22,8 +22,8 @@ def cmd_register(args) -> int:
     import tempfile
 
     from ensemble import tracking
-    from ensemble.registry import member_checkpoints, needed_models, register_ensemble
-    from ensemble.serving import Preprocessing
+    from ensemble.serving.registry import member_checkpoints, needed_models, register_ensemble
+    from ensemble.serving.model import Preprocessing
     from ensemble.selectors import EnsembleSpec
 
     spec = EnsembleSpec.from_json(args.spec)
@@ -44,7 +44,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from ensemble.governance import list_versions
+    from ensemble.serving.governance import list_versions
 
     table = list_versions(args.name, args.tracking_uri)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
@@ -54,7 +54,7 @@ def cmd_models(args) -> int:
 def cmd_predict(args) -> int:
     import mlflow
 
-    from ensemble.predict import predict_images
+    from ensemble.serving.predict import predict_images
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -72,7 +72,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ensemble.evaluate import compare, evaluate
+    from ensemble.serving.evaluate import compare, evaluate
 
     # First, so that a wrong --against name ends the command before the longer scoring.
     comparison = compare(args.predictions, args.data, args.against, candidate=args.member or "ensemble",
@@ -83,7 +83,7 @@ def cmd_evaluate(args) -> int:
         print("\n" + comparison.report())
     if args.model_version is not None:
         from ensemble import tracking
-        from ensemble.governance import record_evaluation, resolve_version
+        from ensemble.serving.governance import record_evaluation, resolve_version
 
         run_id = record_evaluation(result, args.data, args.model_name, args.model_version,
                                    tracking_uri=args.tracking_uri, promote=args.promote)

@@ -37,7 +37,7 @@ from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.metrics import CellScores, CompetitionScores, MapResult
 from ensemble.oof import CELL_COLUMNS, member_columns
 from ensemble.storage import beside, is_local, open_file, read_parquet, write_bytes
-from ensemble.submission import cell_rles, iter_submission, text_rle
+from ensemble.serving.submission import cell_rles, iter_submission, text_rle
 
 COUNTS = ("counts: cell mAP ranks every predicted cell for all 19 classes, labelled by the true cell it "
           "matches (none: negative), and ignores missed true cells; competition mAP ranks a class only in "
@@ -341,7 +341,7 @@ def rle_iou(image: PredictedImage, true_mask: np.ndarray, true_ids: np.ndarray) 
     """(n, m) mask IoU of an image's predicted cells with its true cells, computed on RLEs.
 
     The predicted masks are never decoded and the true mask is read once for all its cells
-    (:func:`~ensemble.submission.cell_rles`); pycocotools' ``iou`` works on the runs.
+    (:func:`~ensemble.serving.submission.cell_rles`); pycocotools' ``iou`` works on the runs.
     """
     if true_mask.shape != (image.height, image.width):
         raise ValueError(f"image {image.image_id}: predicted {image.height}x{image.width} (HxW), "

@@ -3,7 +3,7 @@
 ``make demo`` (``ensemble demo``) runs :func:`run_demo`: the same chain as ``train_all.py`` on its
 built-in default, then the ensemble it registered predicts simulated test images of another seed and is scored
 with the competition metric beside each of its member networks alone, and against the best of them
-with an interval from the choice of test images (:func:`~ensemble.evaluate.compare`). Re-running
+with an interval from the choice of test images (:func:`~ensemble.serving.evaluate.compare`). Re-running
 skips every finished step.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ensemble.data.synthetic import simulate
-from ensemble.evaluate import Comparison, compare, evaluate, prediction_members
+from ensemble.sim.images import simulate
+from ensemble.serving.evaluate import Comparison, compare, evaluate, prediction_members
 from ensemble.pipeline import PipelineResult, train_all
-from ensemble.predict import predict_images
+from ensemble.serving.predict import predict_images
 from ensemble.zoo import load_zoo, zoo_with
 
 TEST_SEED = 1000  # another seed than the training data's: images no model has seen

@@ -54,8 +54,8 @@ KAGGLE_PX, KAGGLE_BITS = 2048, 16
 
 
 def cmd_simulate(args) -> int:
-    from ensemble.data.synthetic import simulate
-    from ensemble.plots import contact_sheet
+    from ensemble.sim.images import simulate
+    from ensemble.sim.sheet import contact_sheet
 
     size = args.image_px or (KAGGLE_PX if args.kaggle else 512)
     bits = args.bit_depth or (KAGGLE_BITS if args.kaggle else 8)
@@ -122,7 +122,7 @@ def cmd_train_all(args) -> int:
     if args.dry_run:
         print(plan.report())
         return 0
-    from ensemble.demo import default_dataset
+    from ensemble.cli.demo import default_dataset
     from ensemble.pipeline import JobsFailedError, train_all
 
     _ray_init()
@@ -201,7 +201,7 @@ def cmd_check_cluster(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ensemble.demo import run_demo
+    from ensemble.cli.demo import run_demo
 
     _ray_init()
     result = run_demo(args.out, images=args.images, image_px=args.image_px, difficulty=args.difficulty,
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integrity", action="store_true", help="fit the VID and pack it with the ensemble")
     p.set_defaults(func=cmd_demo)
 
-    from ensemble.cli_product import add_commands
+    from ensemble.cli.product import add_commands
 
     add_commands(sub)
     return parser
@@ -392,7 +392,7 @@ def explain(error: BaseException, tracking_uri: str | None = None) -> tuple[str,
 
 def _warnings_of(command: str, show):
     """A ``warnings.showwarning`` that says the package's own warnings in one line, others as ``show`` does."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole ensemble package, not only cli/
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         if not Path(filename).resolve().is_relative_to(package):

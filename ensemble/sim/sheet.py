@@ -1,4 +1,5 @@
-"""Figures. Matplotlib through its object API and the Agg canvas, so no display is needed."""
+"""A contact sheet of a dataset's images and cell outlines. Matplotlib through its object API and
+the Agg canvas, so no display is needed."""
 
 from __future__ import annotations
 
@@ -88,26 +89,3 @@ def contact_sheet(
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, facecolor="black")
     return out_png
-
-
-def training_curves(history: list[dict], out_png: str | Path, title: str = "") -> str:
-    """Loss and validation mAP per epoch of one training job, as a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, map_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    loss_ax.set(xlabel="epoch", ylabel="training loss")
-    for key in ("val_map", "val_map_image", "val_map_product"):
-        if history and key in history[0]:
-            map_ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    map_ax.set(xlabel="epoch", ylabel="held-out cell mAP")
-    map_ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return str(out_png)

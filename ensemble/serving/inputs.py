@@ -1,6 +1,6 @@
 """What the served ensemble reads: one image per input row, and the signature that says so.
 
-A row of :meth:`ensemble.serving.EnsembleModel.predict`'s input (:data:`SIGNATURE`)::
+A row of :meth:`ensemble.serving.model.EnsembleModel.predict`'s input (:data:`SIGNATURE`)::
 
     image_id                    required
     red, green, blue, yellow    the four channels, each a PNG (8- or 16-bit grayscale) given as
@@ -34,7 +34,7 @@ from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from ensemble.data import hpa
-from ensemble.data.synthetic import simulate_image, to_uint
+from ensemble.sim.images import simulate_image, to_uint
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.storage import is_dir, join
 

@@ -20,8 +20,8 @@ How one image is made (all lengths scale with the image size, so the same layout
 6. annotation: cells cut by the image border are left out of the truth, as HPA's annotators left
    them out of the competition's ground truth (:meth:`SimulatedImage.annotated`).
 
-Steps 2 and 3 (but for the cells' classes) are in :mod:`ensemble.data.cell_layout`, steps 4 and 5 in
-:mod:`ensemble.data.cell_render`; this module holds the labels and puts the steps together.
+Steps 2 and 3 (but for the cells' classes) are in :mod:`ensemble.sim.layout`, steps 4 and 5 in
+:mod:`ensemble.sim.render`; this module holds the labels and puts the steps together.
 
 Weak-label semantics (the competition's): a cell of a positive image carries each image class with
 a per-image probability (most classes 70-100 % of cells, aggresome 30-60 %, mitotic spindle only
@@ -47,8 +47,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ensemble.data.cell_layout import choose_dividing, keep_largest_piece, layout, round_up, territories
-from ensemble.data.cell_render import SPINDLE, Difficulty, Textures, draw_cell, make_view, optics, upsample_labels
+from ensemble.sim.layout import choose_dividing, keep_largest_piece, layout, round_up, territories
+from ensemble.sim.render import SPINDLE, Difficulty, Textures, draw_cell, make_view, optics, upsample_labels
 from ensemble.labels import CHANNELS, NEGATIVE, NUM_CLASSES, format_labels
 
 SIMULATOR_VERSION = "1.1"  # 1.1: border-cut cells left out of the truth

@@ -29,10 +29,10 @@ from ensemble import tracking
 from ensemble.cluster import cluster_shape
 from ensemble.data import hpa
 from ensemble.oof import CELL_COLUMNS
-from ensemble.serving import OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
-from ensemble.serving_io import given_masks
+from ensemble.serving.model import OUTPUT_COLUMNS, PredictTimings, SegmentedImage, batched, load_ensemble
+from ensemble.serving.inputs import given_masks
 from ensemble.storage import write_parquet
-from ensemble.submission import Detection, SubmissionImage, write_submission
+from ensemble.serving.submission import Detection, SubmissionImage, write_submission
 
 RAY_MIN_IMAGES = 32
 """``engine="auto"`` streams through Ray from this many images on (below, Ray's start-up costs more)."""
@@ -45,7 +45,7 @@ class PredictResult:
     Attributes
     ----------
     cells : DataFrame
-        One row per cell, :data:`ensemble.serving.OUTPUT_COLUMNS`, sorted by image and cell.
+        One row per cell, :data:`ensemble.serving.model.OUTPUT_COLUMNS`, sorted by image and cell.
     images : DataFrame
         ``image_id, width, height, n_cells`` of every image read (also those without cells).
     report : BatchReport
@@ -118,7 +118,7 @@ def predict_images(
         Show a progress bar (images, cells/s).
     members : bool
         Also keep each member network's own cell probabilities (:func:`ensemble.oof.member_columns`),
-        so that :func:`ensemble.evaluate.evaluate` can score the members beside the ensemble.
+        so that :func:`ensemble.serving.evaluate.evaluate` can score the members beside the ensemble.
     masks : str or Path, optional
         A folder of given cell masks ``{ID}.png`` (uint16 instance labels, as hpacellseg writes)
         used instead of segmenting; ``"auto"``: the dataset's ``masks/`` when it has one. An image

@@ -15,7 +15,7 @@ networks of each one's max over the image's bags, as in training). The ensemble 
 out-of-fold predictions of single fold networks; averaging them is the usual K-fold ensemble and
 keeps the probabilities on the same scale.
 
-Artifacts packed into the MLflow model (written by :mod:`ensemble.registry`)::
+Artifacts packed into the MLflow model (written by :mod:`ensemble.serving.registry`)::
 
     ensemble_spec   ensemble_spec.json          EnsembleSpec.to_json
     config          config.json                 preprocessing, members' ModelSpecs, integrity hook
@@ -32,12 +32,12 @@ and ``crops`` the (n, 4, S, S) uint8 crops. Without the artifact every cell's in
 Input of :meth:`EnsembleModel.predict` (pyfunc, and ``mlflow models serve``): a DataFrame, one
 image per row: ``image_id`` and its four channels ``red, green, blue, yellow`` as base64 PNG text,
 bytes, paths or URLs, or ``root`` (a dataset in the Kaggle layout) and ``split``; optionally
-``mask``, a given cell instance mask used instead of segmenting (:mod:`ensemble.serving_io`). For
+``mask``, a given cell instance mask used instead of segmenting (:mod:`ensemble.serving.inputs`). For
 in-memory images use ``load_ensemble(uri).predict_arrays({image_id: (H, W, 4) float32 in [0, 1]})``.
 
-Output of ``predict``: one row per cell, :data:`~ensemble.serving_io.SERVING_COLUMNS`:
+Output of ``predict``: one row per cell, :data:`~ensemble.serving.inputs.SERVING_COLUMNS`:
 ``image_id, cell_id``, the 19 class probabilities named by class (float32), ``integrity``
-(float32), ``rle`` (the cell's mask, :func:`ensemble.submission.encode_mask`), ``width, height``
+(float32), ``rle`` (the cell's mask, :func:`ensemble.serving.submission.encode_mask`), ``width, height``
 of the image. Inside the package (:meth:`EnsembleModel.classify`, ``ensemble predict``'s tables)
 the probabilities keep the OOF layout ``cell_0..cell_18`` (:data:`OUTPUT_COLUMNS`), so apply_spec,
 the selectors and ``evaluate`` read them; ``predict`` renames them at the boundary. With
@@ -51,8 +51,9 @@ MLflow's scoring timeout. A process that only segments loads with ``load_ensembl
 networks=False)``; its networks then load on first use, once however many threads ask at once.
 
 The MLflow model carries this package as its code (``code_paths``) and is saved as "models from
-code" (:mod:`ensemble.serving_model`): no pickle. Models registered earlier pickled an
-``EnsembleModel`` (as ``ensemble.registry.EnsembleModel``) and still load.
+code" (:mod:`ensemble.serving.from_code`): no pickle. Models pickled in the older form load when
+their ``EnsembleModel`` names this module's path; those that name the flat layout's
+``ensemble.registry`` must be registered again from their runs (``ensemble register``).
 
 Serving needs no training code: it imports the models, the data preparation and the selected
 spec, nothing from :mod:`ensemble.trainers`.
@@ -85,8 +86,8 @@ from ensemble.models import build_model
 from ensemble.models.inference import predict_cells
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.selectors import EnsembleSpec, apply_spec
-from ensemble.serving_io import ImageInput, dataset_inputs, frame_inputs, iter_inputs
-from ensemble.submission import encode_cells
+from ensemble.serving.inputs import ImageInput, dataset_inputs, frame_inputs, iter_inputs
+from ensemble.serving.submission import encode_cells
 from ensemble.zoo import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ def load_ensemble(model_uri: str, networks: bool = True) -> EnsembleModel:
     ----------
     model_uri : str
         Any MLflow model URI: ``models:/hpa-ensemble@champion``, ``runs:/...``, or a local
-        directory written by :func:`~ensemble.registry.save_ensemble`.
+        directory written by :func:`~ensemble.serving.registry.save_ensemble`.
     networks : bool
         Load the member networks now (default); False for a process that only segments, which
         then loads them only if it classifies.

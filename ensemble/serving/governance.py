@@ -222,7 +222,7 @@ def list_versions(name: str = "hpa-ensemble", tracking_uri: str | None = None) -
 
 def record_evaluation(result, data_root: str | Path, name: str, version: str, *, tracking_uri: str | None = None,
                       promote: str = "never", alias: str = "champion") -> str:
-    """Log an :class:`~ensemble.evaluate.EvaluationResult` against a registered version.
+    """Log an :class:`~ensemble.serving.evaluate.EvaluationResult` against a registered version.
 
     A run tagged with the model and version (``ensemble.kind=evaluate``), in the experiment of
     the run that registered it, holds the metrics, the per-class table and plot; the version

@@ -1,6 +1,6 @@
 """Drawing of simulated cells: their four channels, the protein patterns, the microscope optics.
 
-Steps 4 and 5 of :mod:`ensemble.data.synthetic` (whose docstring tells how an image is made). The
+Steps 4 and 5 of :mod:`ensemble.sim.images` (whose docstring tells how an image is made). The
 channels are drawn cell by cell inside bounding boxes, from image-wide random textures; every
 localisation class has its own green pattern at its real place in the cell, and a
 :class:`Difficulty` sets how far apart the patterns are. :func:`optics` then blurs, upsamples and
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ensemble.data.cell_layout import BASE_SIZE, MITOTIC_RADIUS, Cell, elliptic, polar, smooth_field
+from ensemble.sim.layout import BASE_SIZE, MITOTIC_RADIUS, Cell, elliptic, polar, smooth_field
 
 SPINDLE = 11  # mitotic spindle: the class of the dividing cells
 NUCLEAR_CLASSES = frozenset(range(6))

@@ -1,6 +1,6 @@
 """Where the cells of a simulated image lie: their shapes, the pixels each owns, which divide.
 
-Steps 2 and 3 of :mod:`ensemble.data.synthetic` (whose docstring tells how an image is made). Seeds
+Steps 2 and 3 of :mod:`ensemble.sim.images` (whose docstring tells how an image is made). Seeds
 are thrown on a canvas larger than the image, so the border cuts some cells; every seed is an
 ellipse with a wavy outline, and a pixel belongs to the cell whose normalised elliptic distance is
 smallest and below 1 -- a weighted Voronoi diagram limited by a maximum radius, so neighbours touch

@@ -1,10 +1,10 @@
 """The selected ensemble into the MLflow model registry: save, register, alias.
 
-The model itself, and how it predicts, is :mod:`ensemble.serving`; this module gathers what it
+The model itself, and how it predicts, is :mod:`ensemble.serving.model`; this module gathers what it
 packs (the members' fold networks from their training runs, the spec, the preprocessing of the
 store they trained on, the VID) and writes it as an MLflow model, saved "from code"
-(:mod:`ensemble.serving_model`) with this package as its ``code_paths``, the input signature and
-a self-contained input example of :mod:`ensemble.serving_io`, so ``mlflow models serve`` runs it
+(:mod:`ensemble.serving.from_code`) with this package as its ``code_paths``, the input signature and
+a self-contained input example of :mod:`ensemble.serving.inputs`, so ``mlflow models serve`` runs it
 anywhere the package's requirements are installed. Its artifacts::
 
     ensemble_spec   ensemble_spec.json          EnsembleSpec.to_json
@@ -17,7 +17,7 @@ anywhere the package's requirements are installed. Its artifacts::
 Its requirements are this package's, and hpacellseg's when it segments with it: a server
 needs nothing but the registry.
 
-Which version is the champion, and what each version records, is :mod:`ensemble.governance`.
+Which version is the champion, and what each version records, is :mod:`ensemble.serving.governance`.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ import mlflow
 from mlflow.artifacts import download_artifacts
 
 import ensemble
-from ensemble import governance, storage, tracking
+from ensemble import storage, tracking
 from ensemble.selectors import EnsembleSpec
-from ensemble.serving import CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, LOAD_NETWORKS, Preprocessing, load_integrity_hook
-# Re-exported: models registered before serving.py existed pickled their python_model as
-# ensemble.registry.EnsembleModel, and unpickling looks it up here.
-from ensemble.serving import EnsembleModel  # noqa: F401
-from ensemble.serving_io import SIGNATURE, example_input
+from ensemble.serving import governance
+from ensemble.serving.model import (CONFIG_VERSION, DEFAULT_INTEGRITY_LOADER, LOAD_NETWORKS, Preprocessing,
+                                    load_integrity_hook)
+# Re-exported: models pickled in the older form name their python_model
+# ensemble.serving.registry.EnsembleModel, and unpickling looks it up here.
+from ensemble.serving.model import EnsembleModel  # noqa: F401
+from ensemble.serving.inputs import SIGNATURE, example_input
 from ensemble.zoo import ModelSpec
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # training runs log checkpoint/best.pt and checkpoint/spec.json
@@ -192,7 +194,7 @@ def register_ensemble(spec: EnsembleSpec | str | Path, members: Mapping[str, Mem
         ``"module:function"`` taking the directory and returning an object with ``weights``.
     promote : {"if-better", "always", "never"}
         Whether the new version takes ``alias``: always, never, or when it scores better than the
-        version holding it (:func:`ensemble.governance.decide_promotion`). The reason is recorded
+        version holding it (:func:`ensemble.serving.governance.decide_promotion`). The reason is recorded
         in the version's ``promotion`` tag.
     zoo, data_fingerprint : str, optional
         Recorded as the version's tags; default: the members' training runs' tags.
@@ -283,7 +285,7 @@ def _model_arguments(spec: EnsembleSpec, members: Mapping[str, MemberCheckpoints
     package = Path(ensemble.__file__).resolve().parent
     code = staging / "code" / package.name
     shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dict(python_model=str(package / "serving_model.py"), code_paths=[str(code)], artifacts=artifacts,
+    return dict(python_model=str(package / "serving" / "from_code.py"), code_paths=[str(code)], artifacts=artifacts,
                 signature=SIGNATURE, input_example=example_input(),
                 pip_requirements=_requirements(preprocessing.segmenter["name"]),
                 model_config={LOAD_NETWORKS: True})  # named, so that load_ensemble(networks=False) may change it
