@@ -36,7 +36,7 @@ from ensemble.data.store_build import prepare
 from ensemble.data.datasets import CellDataset
 from ensemble.sim.images import simulate
 from ensemble.trainers.fit import RunContext, trainer_for
-from ensemble.models import build_model
+from ensemble.models import build_model, cell_input
 from ensemble.trainers.loop import _criterion, start_epoch, train_loader
 from ensemble.zoo import ModelSpec, Placement, TrainSettings, load_zoo
 from ensemble.trainers.jobs import train_zoo
@@ -65,7 +65,7 @@ def bare_loop(spec: ModelSpec, store_uri: str, fold: int, epochs: int) -> list[f
         model.train()
         started = time.perf_counter()
         for batch in loader:
-            loss = criterion(model(batch["image"]), batch["target"])
+            loss = criterion(model(cell_input(batch["image"])), batch["target"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

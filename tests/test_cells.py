@@ -118,6 +118,7 @@ def test_store_written_before_cell_size_had_its_name_still_loads(store, dataset,
     assert prepare(dataset, str(old), **SETTINGS).chunks_built == 0, "an old store is reused, not rebuilt"
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_bytes(store, dataset, tmp_path):
     resumed = tmp_path / "resumed"
     # The child starts its own local Ray: left to find "the existing cluster" it may pick up a

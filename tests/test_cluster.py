@@ -192,6 +192,7 @@ def job_runs(uri: str) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+@pytest.mark.slow
 def test_killed_train_all_resumes_without_duplicate_runs(head, small_dataset, tiny_zoo_file, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**head["env"], "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": head["gcs"]}
@@ -244,6 +245,7 @@ def test_a_job_no_node_type_can_offer_fails_at_once_and_autoscaling_gets_every_j
     assert default_concurrency(quick, laptop, 24) == 2, "a fixed cluster gets what its nodes hold"
 
 
+@pytest.mark.slow
 def test_files_on_the_driver_are_refused_on_several_nodes():
     from ensemble.cluster import ClusterShape, NodeType, check_shared
 

@@ -35,9 +35,8 @@ def test_cell_dataset_items(store):
     fold = store.cells["fold"].to_numpy()
     assert len(data) == (fold == 1).sum() and (fold[data.rows] == 1).all()
     item = data[0]
-    assert item["image"].shape == (4, 16, 16) and item["image"].dtype == torch.float32
-    assert 0 <= item["image"].min() and item["image"].max() <= 1
-    np.testing.assert_array_equal(item["image"].numpy(), store.crops([item["index"]])[0] / np.float32(255))
+    assert item["image"].shape == (4, 16, 16) and item["image"].dtype == torch.uint8  # as stored
+    np.testing.assert_array_equal(item["image"].numpy(), store.crops([item["index"]])[0])
     np.testing.assert_array_equal(item["target"].numpy(), store.labels("weak")[item["index"]])
     truth = CellDataset(store, rows=[0, 1], labels="truth")
     assert truth[1]["target"].shape == (19,) and truth[1]["index"] == 1
@@ -101,7 +100,7 @@ def test_augmentation_keeps_shape_and_dtype_and_zero_strength_is_identity(dtype)
 def test_datasets_apply_the_transform_per_cell(store):
     data = BagDataset(store, bag_size=4, transform=build_augment(1.0))
     bag = data[0]
-    assert bag["cells"].shape == (4, 4, 16, 16) and bag["cells"].dtype == torch.float32
+    assert bag["cells"].shape == (4, 4, 16, 16) and bag["cells"].dtype == torch.uint8
 
 
 def test_bags_differ_between_epochs_in_persistent_worker_processes(store):
@@ -290,7 +289,7 @@ def test_training_input_equals_what_serving_cuts_after_the_same_scaling(store, d
     from ensemble.data.crops import cut_cells
     from ensemble.data.features import FeatureSettings
     from ensemble.data.segment import create_segmenter
-    from ensemble.models import fit_size
+    from ensemble.models import cell_input
     from ensemble.serving.model import Preprocessing
     from ensemble.trainers.loop import _inputs
     from ensemble.zoo import ModelSpec
@@ -309,7 +308,7 @@ def test_training_input_equals_what_serving_cuts_after_the_same_scaling(store, d
     trained = _inputs(batch["image"], spec, torch.device("cpu"))
     cell_ids = store.cells["cell_id"].to_numpy()[batch["index"].numpy()]
     position = {cell: i for i, cell in enumerate(table["cell_id"])}
-    serving_input = fit_size(torch.from_numpy(served).float() / 255, spec.cell_size)  # predict_cells' as_input
+    serving_input = cell_input(torch.from_numpy(served), spec.cell_size)  # what predict_cells feeds its networks
     torch.testing.assert_close(trained, serving_input[[position[c] for c in cell_ids]], rtol=0, atol=0)
 
 

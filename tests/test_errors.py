@@ -277,6 +277,7 @@ def locked(path: Path, seconds: float):
             holder.kill()
 
 
+@pytest.mark.slow
 def test_a_locked_database_is_waited_for(tmp_path):
     """SQLite answers "locked" after 5 s; the retry then finds it free (released at 8 s)."""
     db = tmp_path / "mlflow.db"

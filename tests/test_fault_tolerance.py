@@ -110,6 +110,7 @@ def assert_resumed_and_complete(result, ctx, name, fold, store):
     assert len(oof) == len(expected) == len(set(zip(oof["image_id"], oof["cell_id"])))
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(cluster, store, tmp_path, tiny_zoo_file):
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

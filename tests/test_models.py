@@ -478,3 +478,17 @@ def test_clh_loss_drops_and_fusion_blocks_learn():
     for fusion in model.backbone.fusions.values():  # zero-initialised: any change means scattering flows in
         assert fusion.norm.weight.abs().sum() > 0
 
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16])
+def test_cell_input_scales_crops_by_their_dtype_and_refuses_floats(dtype):
+    from ensemble.models import cell_input
+
+    top = torch.iinfo(dtype).max
+    crops = torch.tensor([0, top // 2, top], dtype=dtype).reshape(1, 1, 1, 3).expand(2, 4, 3, 3).contiguous()
+    x = cell_input(crops)
+    assert x.dtype == torch.float32 and x.shape == crops.shape
+    torch.testing.assert_close(x[0, 0, 0], torch.tensor([0.0, (top // 2) / top, 1.0]))
+    assert cell_input(crops, cell_size=6).shape == (2, 4, 6, 6)
+    with pytest.raises(TypeError, match="integers"):
+        cell_input(x)

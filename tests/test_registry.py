@@ -449,6 +449,7 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_fresh_process_loads_the_champion_from_sqlite_and_from_a_server(trained, registered, new_images,
                                                                            mlflow_server):
     server = mlflow_server.url()
@@ -476,6 +477,7 @@ def test_a_fresh_process_loads_the_champion_from_sqlite_and_from_a_server(traine
     np.testing.assert_allclose(from_sqlite[list(CLASS_NAMES)].to_numpy(), here[CELL_COLUMNS].to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ray_pipeline_predicts_like_the_local_path(trained, registered, new_images):
     """The Ray path's actors resolve models:/ against the driver's tracking URI, and skip bad images."""
     mlflow.set_tracking_uri(trained.uri)

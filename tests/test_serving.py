@@ -214,6 +214,7 @@ def test_the_networks_load_with_the_model_and_only_once(served, image, tmp_path)
         load_ensemble(str(copy), networks=False).predict_arrays(pixels, {"sim": image.mask})
 
 
+@pytest.mark.slow
 def test_after_ray_down_a_server_on_the_same_database_and_artifacts_serves_the_champion(served, image, tmp_path):
     """The cluster's MLflow server stops with its head; its database and bucket stay. Its models'
     artifacts are mlflow-artifacts:/ URIs, so the database alone cannot load them: a new server

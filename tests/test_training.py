@@ -54,6 +54,7 @@ def assert_complete_oof(table: pd.DataFrame, store: CellStore, folds) -> None:
     assert np.isfinite(probabilities).all() and (probabilities >= 0).all() and (probabilities <= 1).all()
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_job_writes_complete_oof(tmp_path, store, tiny_zoo_file):
     spec = load_zoo(tiny_zoo_file).model("dsa_tiny")
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=2),
@@ -94,6 +95,7 @@ def test_fit_job_records_run_and_is_skipped_when_done(tmp_path, store, tiny_zoo_
     assert len(tracking.find_runs(ctx.experiment_id, {tracking.TAG_MODEL: "cla_tiny"}, ctx.tracking_uri)) == 1
 
 
+@pytest.mark.slow
 def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, monkeypatch):
     zoo = load_zoo(tiny_zoo_file)
     monkeypatch.chdir(tmp_path)
@@ -131,6 +133,7 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, m
     assert spec.fusion_mode == "off" and list(spec.members.values()) == ["cla_tiny"]
 
 
+@pytest.mark.slow
 def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     ctx = context(tmp_path, store)
     spec = load_zoo(tiny_zoo_file).model("cla_tiny")
@@ -145,6 +148,7 @@ def test_changed_spec_is_trained_again(tmp_path, store, tiny_zoo_file):
     assert moved.skipped and moved.run_id == first.run_id
 
 
+@pytest.mark.slow
 def test_sweep_asha_stops_weak_trials_and_records_best(tmp_path, store, tiny_zoo_file):
     space_file = tmp_path / "space.yaml"
     # lr 1e-9 cannot learn: ASHA should cut those trials at its first rung.
@@ -210,6 +214,7 @@ def test_zoo_errors_name_file_and_key(tmp_path):
     assert hcpl.relabel.rounds == 2 and hcpl.integrity.enabled  # the paper's system
 
 
+@pytest.mark.slow
 def test_train_all_relabels_trains_on_the_final_labels_and_packs_the_vid(tmp_path, small_dataset, tiny_zoo_file):
     zoo = dataclasses.replace(load_zoo(tiny_zoo_file), relabel=RelabelSettings(rounds=1),
                               integrity=IntegritySettings(enabled=True, epochs=1, cv_splits=2, weighting="on"))
@@ -259,6 +264,7 @@ def test_predict_rows_reads_with_worker_processes_and_predicts_the_same(store, m
         assert_complete_oof(alone, cells, [2])
 
 
+@pytest.mark.slow
 def test_loader_workers_and_a_timm_optimizer_from_the_zoo_train_a_job(tmp_path, store, tiny_zoo_file):
     zoo_file = tmp_path / "adamw.yaml"
     zoo = yaml.safe_load(tiny_zoo_file.read_text())

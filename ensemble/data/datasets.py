@@ -10,8 +10,9 @@ of its own. With ``in_memory=True`` the selected crops are read once up front in
 small stores).
 
 A ``transform`` is an albumentations-style callable, ``transform(image=hwc)["image"]``, applied to
-each (S, S, 4) crop before it becomes a (4, S, S) float32 tensor in [0, 1]
-(see :func:`ensemble.data.augment.build_augment`).
+each (S, S, 4) crop (see :func:`ensemble.data.augment.build_augment`). Items hold crops as the store
+does (integers); :func:`ensemble.models.cell_input` makes them the networks' input, on the device,
+as it does for prediction and serving.
 """
 
 from __future__ import annotations
@@ -67,12 +68,11 @@ class _Crops:
         return self.store.read_crops(self.shard[positions], self.row[positions])
 
 
-def _to_tensor(crop: np.ndarray, transform: Callable | None) -> torch.Tensor:
-    """(4, S, S) integer crop -> (4, S, S) float32 tensor in [0, 1], after the transform."""
-    top = np.float32(np.iinfo(crop.dtype).max)
+def _transformed(crop: np.ndarray, transform: Callable | None) -> torch.Tensor:
+    """(4, S, S) integer crop -> (4, S, S) tensor of its dtype, after the transform."""
     if transform is not None:
         crop = transform(image=np.ascontiguousarray(crop.transpose(1, 2, 0)))["image"].transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32) / top)
+    return torch.from_numpy(np.ascontiguousarray(crop))
 
 
 class CellDataset(Dataset):
@@ -92,7 +92,7 @@ class CellDataset(Dataset):
     in_memory : bool
         Read all selected crops up front.
 
-    Items are dicts: ``image`` (4, S, S) float32, ``target`` (19,) float32, ``index`` (the store
+    Items are dicts: ``image`` (4, S, S) integers as stored, ``target`` (19,) float32, ``index`` (the store
     row, to join predictions back to cells.parquet).
     """
 
@@ -121,7 +121,7 @@ class CellDataset(Dataset):
         """Item ``i``, its crop taken from ``crops`` (positions in ``rows`` -> crops)."""
         crop = crops(np.array([i]))[0]
         return {
-            "image": _to_tensor(crop, self.transform),
+            "image": _transformed(crop, self.transform),
             "target": torch.from_numpy(self.targets[i]),
             "index": int(self.rows[i]),
         }
@@ -155,7 +155,7 @@ class BagDataset(Dataset):
     in_memory : bool
         Read all selected crops up front.
 
-    Items are dicts: ``cells`` (N, 4, S, S) float32, ``valid`` (N,) bool, ``image_target``
+    Items are dicts: ``cells`` (N, 4, S, S) integers as stored, ``valid`` (N,) bool, ``image_target``
     (19,) float32, ``cell_targets`` (N, 19) float32, ``rows`` (N,) int64.
     """
 
@@ -217,9 +217,9 @@ class BagDataset(Dataset):
         positions = start + picked
         n = len(positions)
         crops = crops(positions)
-        cells = torch.zeros((size, *crops.shape[1:]), dtype=torch.float32)
+        cells = torch.zeros((size, *crops.shape[1:]), dtype=torch.from_numpy(crops[:0]).dtype)
         for j, crop in enumerate(crops):
-            cells[j] = _to_tensor(crop, self.transform)
+            cells[j] = _transformed(crop, self.transform)
         cell_targets = np.zeros((size, self.cell_targets.shape[1]), np.float32)
         cell_targets[:n] = self.cell_targets[positions]
         rows = np.full(size, -1, np.int64)

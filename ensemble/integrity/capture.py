@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ensemble.models import cell_input
 from ensemble.models.backbones import create_backbone
 
 # Upper edges of the classes below 80-100 %: fraction f falls in class np.digitize(f, EDGES).
@@ -126,8 +127,8 @@ class BorderCutDataset(Dataset):
 
 
 def to_tensor(crops: np.ndarray) -> torch.Tensor:
-    """uint8 crops (..., 4, S, S) -> float32 tensor in [0, 1], as the classifiers see cells."""
-    return torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32) / np.float32(255))
+    """Integer crops (..., 4, S, S) -> the networks' input (:func:`~ensemble.models.cell_input`)."""
+    return cell_input(torch.from_numpy(np.ascontiguousarray(crops)))
 
 
 class CaptureNet(nn.Module):

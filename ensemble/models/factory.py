@@ -86,6 +86,23 @@ def build_model(spec: ModelSpec) -> nn.Module:
                         img_size=spec.cell_size, **spec.head_kwargs)
 
 
+def cell_input(crops: torch.Tensor, cell_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The networks' input: integer crops (..., 4, S, S), as stored or cut -> float32 in [0, 1].
+
+    The one path from a crop to a network, for training (:mod:`ensemble.trainers.loop`),
+    prediction (:func:`~ensemble.models.inference.predict_cells`, which serving and the OOF use)
+    and the VID's capture network. Crops move to ``device`` while still integers (a quarter of
+    the bytes, asynchronously from pinned memory) and are scaled by their dtype's maximum (8- or
+    16-bit), then resized to ``cell_size`` where it differs from theirs.
+    """
+    if crops.is_floating_point():
+        raise TypeError(f"crops must be integers as stored or cut, got {crops.dtype}")
+    if device is not None:
+        crops = crops.to(device, non_blocking=True)
+    x = crops.float() / float(torch.iinfo(crops.dtype).max)
+    return x if cell_size is None else fit_size(x, cell_size)
+
+
 def fit_size(x: torch.Tensor, size: int) -> torch.Tensor:
     """Crops (..., C, S, S) resized to a model's cell size when it differs from the store's (e.g. in a sweep)."""
     if x.shape[-1] == size:

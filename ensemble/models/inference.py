@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ensemble.labels import NUM_CLASSES
-from ensemble.models.factory import fit_size
+from ensemble.models.factory import cell_input
 
 if TYPE_CHECKING:
     from ensemble.zoo import ModelSpec
@@ -56,10 +56,9 @@ def predict_cells(spec: ModelSpec, networks: Sequence[torch.nn.Module], crops: n
     n, k = len(cells), len(networks)
     cell = torch.zeros((n, NUM_CLASSES))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    top = float(torch.iinfo(cells.dtype).max)
 
-    def as_input(x: torch.Tensor) -> torch.Tensor:  # integer crops -> [0, 1] floats at the model's size
-        return fit_size(x.to(device, non_blocking=True).float() / top, spec.cell_size)
+    def as_input(x: torch.Tensor) -> torch.Tensor:
+        return cell_input(x, spec.cell_size, device)
 
     if spec.head != "dsa":
         for start in range(0, n, batch_size):

@@ -42,7 +42,7 @@ from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChu
 from ensemble.data.folds import inner_split
 from ensemble.data.store import CellStore, default_shard_cache, evaluation_labels
 from ensemble.metrics import cell_map
-from ensemble.models import build_model, fit_size, init_class_prior
+from ensemble.models import build_model, cell_input, init_class_prior
 from ensemble.models.inference import predict_cells
 from ensemble.models.losses import DSALoss, FocalLoss, WeightedBCELoss, class_weights
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS
@@ -182,8 +182,8 @@ def start_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def _inputs(crops: torch.Tensor, spec: ModelSpec, device: torch.device) -> torch.Tensor:
-    """Crops on the device (asynchronously from pinned memory), resized there to the model's cell size."""
-    x = fit_size(crops.to(device, non_blocking=True), spec.cell_size)
+    """The network's input on the device (:func:`~ensemble.models.cell_input`), channels-last on a GPU."""
+    x = cell_input(crops, spec.cell_size, device)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
