@@ -142,7 +142,7 @@ def preflight_zoo(zoo: Zoo) -> None:
     """
     import torch
 
-    from ensemble.models.factory import build_model
+    from ensemble.models.factory import load_network
 
     for i, spec in enumerate(zoo.models):
         network_key = json.dumps([spec.head, spec.backbone, spec.cell_size, spec.head_kwargs], sort_keys=True,
@@ -150,7 +150,7 @@ def preflight_zoo(zoo: Zoo) -> None:
         if network_key in _BUILT:
             continue
         try:
-            network = build_model(dataclasses.replace(spec, pretrained=False, checkpoint_path=None)).eval()
+            network = load_network(spec)
             cell = torch.zeros(1, 4, spec.cell_size, spec.cell_size)
             with torch.no_grad():
                 network(cell.unsqueeze(0) if spec.head == "dsa" else cell)  # DSA: a bag of one cell

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ensemble.data import hpa
 from ensemble.data.features import FeatureSettings, cell_features
-from ensemble.data.segment import from_given_mask, match_cells
+from ensemble.data.segment import image_cells, match_cells
 from ensemble.labels import CHANNELS, NUM_CLASSES
 
 CROP_DTYPE = np.uint8
@@ -130,9 +130,7 @@ def process_image(
     true_mask = None
     try:
         image = hpa.read_image(root, image_id, split)
-        given = hpa.read_given_mask(root, image_id)
-        if given is not None and given.shape != image.shape[:2]:
-            raise hpa.DatasetError(f"mask of {image_id!r} has shape {given.shape}, image {image.shape[:2]}")
+        given = hpa.check_given_mask(hpa.read_given_mask(root, image_id), image, image_id)
         if truth is not None and len(truth.cell_labels(image_id)[0]):
             true_mask = truth.mask(image_id)
             if true_mask.shape != image.shape[:2]:
@@ -143,7 +141,7 @@ def process_image(
         image, cells, reason = np.zeros((1, 1, len(CHANNELS)), np.float32), np.zeros((1, 1), np.uint16), str(error)
         true_mask = None
     else:
-        cells = (from_given_mask(image, given) if given is not None else segmenter(image)).cells
+        cells = image_cells(image, segmenter, given).cells
         reason = None
     table, crops = cut_cells(image, cells, cell_size, features)
     truth_labels = None

@@ -278,6 +278,16 @@ def read_given_mask(root: str | Path, image_id: str) -> np.ndarray | None:
     return read_png(path).astype(np.uint16)
 
 
+def check_given_mask(mask: np.ndarray | None, image: np.ndarray, image_id: str) -> np.ndarray | None:
+    """``mask`` as uint16, if it has ``image``'s height and width (else :class:`DatasetError`)."""
+    if mask is None:
+        return None
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(f"mask of {image_id!r} is {mask.shape[1]}x{mask.shape[0]} (WxH), "
+                           f"the image {image.shape[1]}x{image.shape[0]}")
+    return mask.astype(np.uint16, copy=False)
+
+
 def read_truth(root: str | Path) -> Truth | None:
     """Read ``ROOT/truth/cell_labels.csv``; None when the dataset has no ground truth.
 

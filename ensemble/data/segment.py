@@ -213,6 +213,15 @@ class ClassicalSegmenter:
         return peaks[on_edge & far].reshape(-1, 2)
 
 
+def image_cells(image: np.ndarray, segmenter, mask: np.ndarray | None = None) -> Segmentation:
+    """An image's cells: its given instance ``mask`` where it has one, else what ``segmenter`` finds.
+
+    The cell store (:func:`ensemble.data.crops.process_image`) and serving both take cells from
+    here, so a given mask means the same to both.
+    """
+    return segmenter(image) if mask is None else from_given_mask(image, mask)
+
+
 def from_given_mask(image: np.ndarray, cells: np.ndarray) -> Segmentation:
     """Use given cell masks as they are; nuclei are each cell's blue-channel foreground.
 

@@ -1,7 +1,7 @@
 """Models: timm backbones with the DSA, CLA and CLH heads of the HCPL paper."""
 
 from ensemble.models.backbones import PAPER_BACKBONES, Backbone, create_backbone, family_of
-from ensemble.models.factory import HEADS, build_model, cell_input, create_model, fit_size, list_heads
+from ensemble.models.factory import HEADS, build_model, cell_input, create_model, fit_size, list_heads, load_network
 from ensemble.models.heads import CLA, CLH, DSA, DualStreamOutput, init_class_prior
 from ensemble.models.losses import LOSSES, DSALoss, FocalLoss, WeightedBCELoss, class_weights
 from ensemble.models.pooling import AvgPool, PowerNorm, WeibullActivation, WeibullPool
@@ -31,4 +31,5 @@ __all__ = [
     "fit_size",
     "init_class_prior",
     "list_heads",
+    "load_network",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,20 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """The network of a zoo's model spec (training builds it; serving rebuilds it to load weights)."""
     return create_model(spec.head, spec.backbone, pretrained=spec.pretrained, checkpoint_path=spec.checkpoint_path,
                         img_size=spec.cell_size, **spec.head_kwargs)
+
+
+def load_network(spec: ModelSpec, weights: str | Path | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """The network of ``spec`` for inference, in eval mode on ``device``, with the state_dict at
+    ``weights`` (a checkpoint someone else wrote: read with ``weights_only``).
+
+    Built without pretrained weights, so timm never downloads what the state_dict replaces; the
+    one place serving and the preflight check (``weights=None``: the architecture only) build a
+    trained member.
+    """
+    network = build_model(dataclasses.replace(spec, pretrained=False, checkpoint_path=None))
+    if weights is not None:
+        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return network.to(device).eval()
 
 
 def cell_input(crops: torch.Tensor, cell_size: int | None = None, device: torch.device | None = None) -> torch.Tensor:

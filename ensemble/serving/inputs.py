@@ -101,11 +101,7 @@ class ImageInput:
             raise hpa.DatasetError(f"image {self.image_id!r}: the row has neither the four channels nor a root")
         if self.mask is None:
             return image, None
-        mask = read_png_source(self.mask, f"{self.image_id} mask").astype(np.uint16)
-        if mask.shape != image.shape[:2]:
-            raise hpa.DatasetError(f"mask of {self.image_id!r} is {mask.shape[1]}x{mask.shape[0]} (WxH), "
-                                   f"the image {image.shape[1]}x{image.shape[0]}")
-        return image, mask
+        return image, hpa.check_given_mask(read_png_source(self.mask, f"{self.image_id} mask"), image, self.image_id)
 
 
 def read_png_source(source, name: str) -> np.ndarray:

@@ -79,10 +79,10 @@ import torch
 from ensemble.data import hpa
 from ensemble.data.crops import cut_cells
 from ensemble.data.features import FeatureSettings
-from ensemble.data.segment import create_segmenter, from_given_mask
+from ensemble.data.segment import create_segmenter, image_cells
 from ensemble.data.store import CellStore
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
-from ensemble.models import build_model
+from ensemble.models import load_network
 from ensemble.models.inference import predict_cells
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, member_columns
 from ensemble.selectors import EnsembleSpec, apply_spec
@@ -273,7 +273,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         """Segment one image (or take its given ``mask``) and cut its cells out as the cell store
         does (crops.process_image)."""
         start = time.perf_counter()
-        cells = (self.segmenter(image) if mask is None else from_given_mask(image, mask)).cells
+        cells = image_cells(image, self.segmenter, mask).cells
         segmented = time.perf_counter()
         table, crops = cut_cells(image, cells, self.cell_size, self.features)
         rle = encode_cells(cells, table["cell_id"])
@@ -358,14 +358,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         """Every member's fold networks, from the model's artifacts, on ``self.device``."""
         loaded = {}
         for name, spec in self.member_specs.items():
-            # The state_dict holds every weight: never let timm download pretrained ones here.
-            bare = dataclasses.replace(spec, pretrained=False, checkpoint_path=None)
-            loaded[name] = []
-            for fold in self.member_folds[name]:
-                network = build_model(bare)
-                path = self.members_dir / name / f"fold{fold}.pt"
-                network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                loaded[name].append(network.to(self._device).eval())
+            loaded[name] = [load_network(spec, self.members_dir / name / f"fold{fold}.pt", self._device)
+                            for fold in self.member_folds[name]]
         return loaded
 
 
