@@ -95,6 +95,9 @@ def test_augmentation_keeps_shape_and_dtype_and_zero_strength_is_identity(dtype)
     for _ in range(5):
         out = strong(image=crop)["image"]
         assert out.shape == crop.shape and out.dtype == crop.dtype
+    draws = [[build_augment(1.0, seed=seed)(image=crop)["image"] for _ in range(3)] for seed in (7, 7, 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(draws[0], draws[1], strict=True)), "a seed fixes the draws"
+    assert not all(np.array_equal(a, b) for a, b in zip(draws[0], draws[2], strict=True))
 
 
 def test_datasets_apply_the_transform_per_cell(store):

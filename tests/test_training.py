@@ -376,9 +376,6 @@ def test_held_out_labels_cannot_reach_the_oof_of_a_job(tmp_path, store, tiny_zoo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the sweep trials' val_map differs when the held-out fold's labels are "
-                                       "shuffled (0.40 vs 0.63 on the tiny zoo): a leak or a nondeterminism of the "
-                                       "nested sweep not yet found")
 def test_held_out_labels_cannot_reach_the_oof(tmp_path, store, tiny_zoo_file):
     """OOF predictions are out of sample, CRA and sweeps included: with every label of fold 1
     shuffled (weak, cell and truth), the labels CRA writes for fold 1's job, the config fold 1's

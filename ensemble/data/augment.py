@@ -43,7 +43,7 @@ class AugmentLimits:
     dropout_size: float = 0.2
 
 
-def build_augment(strength: float = 1.0, limits: AugmentLimits | None = None) -> A.Compose:
+def build_augment(strength: float = 1.0, limits: AugmentLimits | None = None, seed: int = 0) -> A.Compose:
     """An augmentation pipeline for (H, W, 4) crops; call it as ``aug(image=crop)["image"]``.
 
     Parameters
@@ -52,6 +52,11 @@ def build_augment(strength: float = 1.0, limits: AugmentLimits | None = None) ->
         0 returns the identity (an empty pipeline); 1 uses ``limits`` as they are; values in
         between scale every magnitude and the probability of the photometric transforms.
     limits : AugmentLimits, optional
+    seed : int
+        Seeds the pipeline's draws, so a job that augments in its own process (no loader workers,
+        which reseed it: :func:`~ensemble.data.datasets.worker_init`) trains the same twice. Left to
+        albumentations, the seed is drawn when the pipeline is built, and a job's scores then move
+        from run to run.
 
     Returns
     -------
@@ -61,7 +66,7 @@ def build_augment(strength: float = 1.0, limits: AugmentLimits | None = None) ->
     if strength < 0:
         raise ValueError(f"strength must be >= 0, got {strength}")
     if strength == 0:
-        return A.Compose([])
+        return A.Compose([], seed=seed)
     m = limits or AugmentLimits()
     p = min(1.0, strength)
     return A.Compose(
@@ -90,5 +95,6 @@ def build_augment(strength: float = 1.0, limits: AugmentLimits | None = None) ->
                 fill=0,
                 p=0.5 * p,
             ),
-        ]
+        ],
+        seed=seed,
     )

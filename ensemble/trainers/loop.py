@@ -154,7 +154,7 @@ def train_loader(store: CellStore, rows: np.ndarray, spec: ModelSpec, device: to
     through a :class:`~ensemble.data.datasets.CellStream`, which reads whole images in windows.
     """
     settings = spec.train
-    transform = build_augment(settings.augment) if settings.augment > 0 else None
+    transform = build_augment(settings.augment, seed=settings.seed) if settings.augment > 0 else None
     if spec.head == "dsa":
         dataset = BagDataset(store, rows=rows, bag_size=spec.cells_per_image, train=True, labels=settings.labels,
                              transform=transform, seed=settings.seed, in_memory=spec.placement.in_memory)
