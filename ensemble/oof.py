@@ -229,15 +229,22 @@ def align_labels(labels: pd.DataFrame | np.ndarray, oof: OOFSet) -> Targets:
     return Targets(truth=truth, cell_level=cell_level)
 
 
-def load_oof_dir(path: str | Path, *, require_fold: bool = True) -> OOFSet:
+def load_oof_dir(path: str | Path, *, require_fold: bool = True, models: Iterable[str] | None = None) -> OOFSet:
     """Read every ``*.parquet`` of a directory (local path or fsspec URI) as one model's OOF.
 
     The model name is the file stem. An optional ``models.json`` beside them maps model names to
     tags: ``{"dsa_effnet": {"head": "dsa", "backbone": "efficientnet_b0", "family": "effnet"}}``.
     Files are read one at a time, so memory peaks at the aligned arrays plus one table.
+    ``models``: read only these (e.g. a zoo's, where the directory also holds tables of models an
+    earlier zoo trained); each must have its table.
     """
     fs, root = fsspec.core.url_to_fs(str(path))
     files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+    if models is not None:
+        wanted, found = set(models), {Path(f).stem for f in files}
+        if wanted - found:
+            raise FileNotFoundError(f"{path}: no OOF table of {sorted(wanted - found)}")
+        files = [f for f in files if Path(f).stem in wanted]
     if not files:
         raise FileNotFoundError(f"no *.parquet files in {path}")
     tags_file = f"{root.rstrip('/')}/models.json"

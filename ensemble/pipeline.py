@@ -307,7 +307,8 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
                          progress=progress, max_concurrent=max_concurrent, specs=specs)
     ensemble = version = integrity = None
     if select and len(zoo.models) > 1:
-        oof = load_oof_dir(join(workdir, "oof"))
+        # The zoo's own models: the workdir may hold tables of models an earlier zoo trained.
+        oof = load_oof_dir(join(workdir, "oof"), models=[m.name for m in zoo.models])
         ensemble = select_step(oof, store_uri(workdir), join(workdir, "ensemble"), training.experiment_id,
                                tracking_uri, training.parent_run_id)
         if zoo.integrity.enabled:

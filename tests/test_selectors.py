@@ -463,6 +463,10 @@ def test_load_oof_dir_round_trip(synthetic, tmp_path):
     for name in synthetic.oof.models:
         np.testing.assert_array_equal(loaded.cell[name], synthetic.oof.cell[name])
     assert set(loaded.image) == set(synthetic.oof.image)
+    some = sorted(synthetic.oof.models)[:2]  # a zoo's models, where the folder holds an older zoo's too
+    assert load_oof_dir(tmp_path, models=some).models == some
+    with pytest.raises(FileNotFoundError, match="no OOF table of \\['gone'\\]"):
+        load_oof_dir(tmp_path, models=[*some, "gone"])
 
 
 # --- input validation ----------------------------------------------------------------------------
