@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def score_seed(args: argparse.Namespace, seed: int) -> dict:
     table = pd.read_parquet(served)
     everything = all_models_spec(spec)
     members = member_checkpoints(zoo.name, everything.models)
+    shutil.rmtree(workdir / "all_models", ignore_errors=True)  # a seed scored again (a changed selection) starts over
     save_ensemble(workdir / "all_models", everything, members, Preprocessing.from_store(store_uri(str(workdir))))
     index, folds = fold_predictions(load_ensemble(str(workdir / "all_models")), test_root)
     scores = variants(spec, index, folds)
@@ -176,7 +178,7 @@ def score_seed(args: argparse.Namespace, seed: int) -> dict:
     out[member_columns("oof_best")] = out[member_columns(oof_best)].to_numpy()
     out[member_columns("hindsight")] = out[member_columns(hindsight)].to_numpy()
     out.to_parquet(path)
-    oof = load_oof_dir(str(workdir / "oof"))
+    oof = load_oof_dir(str(workdir / "oof"), models=spec.models)
     truth = align_labels(store_labels(CellStore(store_uri(str(workdir)))), oof).truth
     folds = oof.index["fold"].to_numpy()
     oof_scores = {kind: {m: Objective.build(kind, truth, oof.index["image_id"].to_numpy(), folds).map(oof.cell[m])
