@@ -120,7 +120,7 @@ def check_cells(cells: pd.DataFrame, image_id: str, shape: tuple[int, int]) -> l
 
 def test_the_model_carries_its_code_an_example_and_a_signature_named_by_class(served):
     model_dir = served.model_dir
-    assert (model_dir / "code" / "ensemble" / "serving.py").exists() and not (model_dir / "python_model.pkl").exists()
+    assert (model_dir / "code" / "ensemble" / "serving" / "model.py").exists() and not (model_dir / "python_model.pkl").exists()
     assert not list((model_dir / "code").rglob("__pycache__"))
     meta = mlflow.models.Model.load(str(model_dir))
     assert meta.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model", "no pickle"

@@ -354,6 +354,7 @@ def shuffled_store(store: str, out, fold: int) -> np.ndarray:
     return held
 
 
+@pytest.mark.slow
 def test_held_out_labels_cannot_reach_the_oof_of_a_job(tmp_path, store, tiny_zoo_file):
     """A job's OOF is out of sample: with every label of the held-out fold shuffled (weak, cell and
     truth), the scores that choose the epoch and the fold's OOF predictions are the same to the bit."""
