@@ -107,6 +107,12 @@ class _Ranking:
 
     def per_class(self, score: np.ndarray) -> np.ndarray:
         """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values` (1-D)."""
+        if score.ndim != 1 and self.offsets[-1] > ONE_PASS_VALUES:
+            # Class by class: memory stays at one class's values and each sort is of plain scores.
+            self._check(score, self.shape)
+            none = np.zeros(0, dtype=np.intp)
+            return np.array([_segment_ap(score[k][self.positive[k]], none, score[k][self.negative[k]], none, 1)[0]
+                             for k in range(self.shape[0])])
         if score.ndim != 1:
             score = self.ranked_values(score)
         self._check(score, (self.offsets[-1],))
@@ -145,6 +151,9 @@ class _FoldRanking:
 
     def per_fold(self, score: np.ndarray) -> np.ndarray:
         """(n_folds, n_classes) AP of ``score`` (n_classes, n_cells), or of its ranked values."""
+        if score.ndim != 1 and self.offsets[-1] > ONE_PASS_VALUES:
+            _Ranking._check(score, self.shape)
+            return np.stack([ranking.per_class(score[:, rows]) for rows, ranking in self.parts])
         if score.ndim != 1:
             score = self.ranked_values(score)
         _Ranking._check(score, (self.offsets[-1],))
@@ -163,8 +172,13 @@ def _segment_ap(positive_scores: np.ndarray, positive_class: np.ndarray, negativ
     kept), so one sort of the positives and one of the negatives, and one binary search, give
     for each positive the positives and the negatives of its class that score at least as high.
     """
-    keys = _class_score_keys(np.concatenate([positive_scores, negative_scores]),
-                             np.concatenate([positive_class, negative_class]))
+    if n_classes == 1:  # one class: the scores order themselves (sorting puts -0.0 beside its equal 0.0)
+        keys = np.concatenate([positive_scores, negative_scores])
+        positive_class = np.zeros(positive_scores.size, dtype=np.intp)
+        negative_class = np.zeros(negative_scores.size, dtype=np.intp)
+    else:
+        keys = _class_score_keys(np.concatenate([positive_scores, negative_scores]),
+                                 np.concatenate([positive_class, negative_class]))
     positives, negatives = np.sort(keys[: positive_scores.size]), np.sort(keys[positive_scores.size :])
     n_positive = np.bincount(positive_class, minlength=n_classes)
     n_negative = np.bincount(negative_class, minlength=n_classes)
@@ -193,6 +207,11 @@ def _class_score_keys(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
     values, rank = np.unique(scores, return_inverse=True)
     return classes.astype(np.int64) * max(values.size, 1) + rank
 
+
+# Above this many ranked values, a 2-D score is scored class by class (and fold by fold): one
+# vectorised pass would hold several copies of every value at once, and a plain float32 sort of
+# one class is faster per value than the packed keys that let classes share a sort.
+ONE_PASS_VALUES = 1 << 20
 
 OBJECTIVES = ("competition", "cell")
 """What selection maximises: an OOF estimate of the competition's metric, or cell mAP."""
