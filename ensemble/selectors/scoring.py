@@ -85,15 +85,19 @@ class _Ranking:
         self.positive = truth if ranked is None else truth & ranked
         self.negative = ~truth if ranked is None else ~truth & ranked
         self.n_positive = self.positive.sum(axis=1)
-        n_negative = self.negative.sum(axis=1)
-        self.offsets = np.r_[0, np.cumsum(self.n_positive + n_negative)]
-        classes = np.arange(self.shape[0])
+        self.offsets = np.r_[0, np.cumsum(self.n_positive + self.negative.sum(axis=1))]
+
+    @cached_property
+    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Where the positives and the negatives lie among the ranked values, and their classes:
+        ``(positive_at, positive_class, negative_at, negative_class)``, int32. Built on first use:
+        only a one-pass score needs them, and on a million cells they would hold hundreds of MB."""
+        n_negative = np.diff(self.offsets) - self.n_positive
+        classes = np.arange(self.shape[0], dtype=np.int32)
         is_positive = np.concatenate([np.r_[np.ones(p, bool), np.zeros(n, bool)]
                                       for p, n in zip(self.n_positive, n_negative, strict=True)] or [np.zeros(0, bool)])
-        self.positive_at = np.flatnonzero(is_positive)
-        self.negative_at = np.flatnonzero(~is_positive)
-        self.positive_class = np.repeat(classes, self.n_positive)
-        self.negative_class = np.repeat(classes, n_negative)
+        return (np.flatnonzero(is_positive).astype(np.int32), np.repeat(classes, self.n_positive),
+                np.flatnonzero(~is_positive).astype(np.int32), np.repeat(classes, n_negative))
 
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         """Per class, the scores of its positives, then of its negatives, class after class: 1-D."""
@@ -116,8 +120,8 @@ class _Ranking:
         if score.ndim != 1:
             score = self.ranked_values(score)
         self._check(score, (self.offsets[-1],))
-        return _segment_ap(score[self.positive_at], self.positive_class, score[self.negative_at],
-                           self.negative_class, self.shape[0])
+        positive_at, positive_class, negative_at, negative_class = self.segments
+        return _segment_ap(score[positive_at], positive_class, score[negative_at], negative_class, self.shape[0])
 
     @staticmethod
     def _check(score: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -137,13 +141,17 @@ class _FoldRanking:
         self.parts = [(rows, _Ranking(truth[:, rows], None if ranked is None else ranked[:, rows]))
                       for rows in (np.flatnonzero(folds == fold) for fold in np.unique(folds))]
         self.offsets = np.r_[0, np.cumsum([ranking.offsets[-1] for _, ranking in self.parts])]
-        rankings = [ranking for _, ranking in self.parts]
-        at = self.offsets[:-1]  # where each fold's ranked values start
-        pair = np.arange(len(rankings)) * self.shape[0]  # each fold's first (fold, class) pair
-        self.positive_at = np.concatenate([r.positive_at + a for r, a in zip(rankings, at, strict=True)])
-        self.negative_at = np.concatenate([r.negative_at + a for r, a in zip(rankings, at, strict=True)])
-        self.positive_class = np.concatenate([r.positive_class + p for r, p in zip(rankings, pair, strict=True)])
-        self.negative_class = np.concatenate([r.negative_class + p for r, p in zip(rankings, pair, strict=True)])
+
+    @cached_property
+    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:attr:`_Ranking.segments` of every fold, fold after fold; a value's "class" is its
+        (fold, class) pair, ``fold * n_classes + class``."""
+        parts = []
+        for fold, ((_, ranking), at) in enumerate(zip(self.parts, self.offsets[:-1], strict=True)):
+            positive_at, positive_class, negative_at, negative_class = ranking.segments
+            first = fold * self.shape[0]  # the fold's first (fold, class) pair
+            parts.append((positive_at + at, positive_class + first, negative_at + at, negative_class + first))
+        return tuple(np.concatenate(arrays).astype(np.int32) for arrays in zip(*parts, strict=True))
 
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         _Ranking._check(score, self.shape)
@@ -157,8 +165,8 @@ class _FoldRanking:
         if score.ndim != 1:
             score = self.ranked_values(score)
         _Ranking._check(score, (self.offsets[-1],))
-        # The "class" of a value here is its (fold, class) pair: fold * n_classes + class.
-        ap = _segment_ap(score[self.positive_at], self.positive_class, score[self.negative_at], self.negative_class,
+        positive_at, positive_class, negative_at, negative_class = self.segments
+        ap = _segment_ap(score[positive_at], positive_class, score[negative_at], negative_class,
                          len(self.parts) * self.shape[0])
         return ap.reshape(len(self.parts), self.shape[0])
 
