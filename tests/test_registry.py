@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -215,6 +216,32 @@ def test_member_checkpoints_fetch_every_fold_of_the_latest_runs(trained, registe
             assert all(torch.equal(fetched[k], original[k]) for k in original)
     with pytest.raises(ValueError, match="no finished training run of model 'absent'"):
         member_checkpoints("tiny", ["absent"], trained.uri, dst=trained.tmp / "none")
+
+
+def test_fold_networks_may_differ_in_what_only_training_uses(trained, tmp_path):
+    """Each outer fold's sweep picks its own train settings and dropout: those fold networks serve
+    with one spec. Fold networks that differ in what inference runs (the DSA's bag size) are refused."""
+    client = tracking.client(trained.uri)
+    spec = MODEL_SPECS["dsa_resnet_0"]
+    for changed, fetched in ((dict(head_kwargs={"drop_rate": 0.3}, train=dataclasses.replace(spec.train, lr=0.1)), True),
+                             (dict(cells_per_image=2), False)):
+        experiment = f"per-fold-{fetched}"
+        experiment_id = tracking.ensure_experiment(experiment, trained.uri)
+        for fold, fold_spec in ((0, spec), (1, dataclasses.replace(spec, **changed))):
+            folder = tmp_path / experiment / f"fold{fold}"
+            folder.mkdir(parents=True)
+            (folder / "spec.json").write_text(json.dumps(dataclasses.asdict(fold_spec)))
+            shutil.copyfile(trained.members["dsa_resnet_0"].folds[fold], folder / "best.pt")
+            run = client.create_run(experiment_id, tags={tracking.TAG_KIND: "job", tracking.TAG_MODEL: spec.name,
+                                                         tracking.TAG_FOLD: str(fold)})
+            client.log_artifacts(run.info.run_id, str(folder), artifact_path="checkpoint")
+            client.set_terminated(run.info.run_id, "FINISHED")
+        if fetched:
+            members = member_checkpoints(experiment, [spec.name], trained.uri, dst=tmp_path / "fetched")
+            assert sorted(members[spec.name].folds) == [0, 1]
+        else:
+            with pytest.raises(ValueError, match=r"differ in \['cells_per_image'\]"):
+                member_checkpoints(experiment, [spec.name], trained.uri, dst=tmp_path / "refused")
 
 
 def test_a_version_records_what_it_is_and_the_first_becomes_champion(trained, registered):
@@ -554,8 +581,9 @@ def test_every_path_the_cli_takes_may_be_a_url(command, in_bucket, trained, regi
         "predict": ([*predict, "--out", f"{b}/preds.parquet"], f"1 images, {in_bucket.n_given} cells",
                     f"{b}/preds.parquet"),
         "submission": ([*predict, "--out", f"{b}/submission.csv"], "1 images", f"{b}/submission.csv"),
-        "evaluate": (["evaluate", f"{b}/perfect.parquet", f"{b}/new"], "cell mAP 1.0000",
-                     f"{b}/perfect_per_class_ap.png"),
+        # Scored against a registered version too: its run logs the plot from the bucket.
+        "evaluate": (["evaluate", f"{b}/perfect.parquet", f"{b}/new", "--model-version", "champion",
+                      "--tracking-uri", trained.uri], "cell mAP 1.0000", f"{b}/perfect_per_class_ap.png"),
         "evaluate-csv": (["evaluate", f"{b}/perfect.csv", f"{b}/new", "--plot", f"{b}/plots/ap.png"],
                          "cell mAP 1.0000", f"{b}/plots/ap.png"),
         "check": (["check", "--zoo", "quick", "--no-build", "--data", f"{b}/kaggle", "--workdir", f"{b}/runs",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -245,8 +246,11 @@ def record_evaluation(result, data_root: str | Path, name: str, version: str, *,
         mlflow.log_metrics(result.metrics())
         mlflow.log_text(result.per_class.to_csv(), "evaluation/per_class_ap.csv")
         mlflow.log_text(result.report(), "evaluation/report.txt")
-        if result.plot is not None:
-            mlflow.log_artifact(str(result.plot), "evaluation")
+        if result.plot is not None:  # a local file or a URL (s3://...): MLflow logs local files only
+            with tempfile.TemporaryDirectory() as tmp:
+                plot = Path(tmp) / Path(str(result.plot)).name
+                plot.write_bytes(read_bytes(str(result.plot)))
+                mlflow.log_artifact(str(plot), "evaluation")
     for key, value in {tracking.TAG_TEST_SCORE: f"{result.competition.map:.6f}",
                        tracking.TAG_TEST_CELL_MAP: f"{result.cell.map:.6f}", tracking.TAG_TEST_DATA: data,
                        tracking.TAG_TEST_RUN: run.info.run_id}.items():

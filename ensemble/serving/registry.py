@@ -46,6 +46,8 @@ from ensemble.serving.model import EnsembleModel  # noqa: F401
 from ensemble.serving.inputs import SIGNATURE, example_input
 from ensemble.zoo import ModelSpec
 
+# Head settings that act only while training: fold networks that differ in them serve alike.
+TRAINING_ONLY = ("drop_rate", "drop_path_rate")
 CHECKPOINT_ARTIFACT = "checkpoint"  # training runs log checkpoint/best.pt and checkpoint/spec.json
 SEGMENTER_REQUIREMENTS = {
     "hpacellseg": ["pytorch_zoo", "hpacellseg @ https://github.com/CellProfiling/HPA-Cell-Segmentation/archive/master.zip"],
@@ -136,8 +138,10 @@ def member_checkpoints(experiment: str, model_names: Sequence[str], tracking_uri
             folds[fold] = local / "best.pt"
             spec = ModelSpec.from_dict(json.loads((local / "spec.json").read_text()))
             # A fold may learn with its own train settings (its outer fold's sweep config and CRA
-            # labels); serving runs every fold network with one spec, so the rest must agree.
-            served.append({k: v for k, v in dataclasses.asdict(spec).items() if k not in ("train", "placement")})
+            # labels) and dropout (off in eval, no weight of its own); serving runs every fold
+            # network with one spec, so the rest must agree.
+            served.append({k: v for k, v in dataclasses.asdict(spec).items() if k not in ("train", "placement")}
+                          | {"head_kwargs": {k: v for k, v in spec.head_kwargs.items() if k not in TRAINING_ONLY}})
         differ = sorted(k for k in served[0] if any(s[k] != served[0][k] for s in served))
         if differ:
             raise ValueError(f"model {name!r}: its latest fold runs differ in {differ}, which serving runs one "
