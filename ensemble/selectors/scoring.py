@@ -114,14 +114,13 @@ class _Ranking:
         if score.ndim != 1 and self.offsets[-1] > ONE_PASS_VALUES:
             # Class by class: memory stays at one class's values and each sort is of plain scores.
             self._check(score, self.shape)
-            none = np.zeros(0, dtype=np.intp)
-            return np.array([_segment_ap(score[k][self.positive[k]], none, score[k][self.negative[k]], none, 1)[0]
+            return np.array([_segment_ap(score[k][self.positive[k]], score[k][self.negative[k]])[0]
                              for k in range(self.shape[0])])
         if score.ndim != 1:
             score = self.ranked_values(score)
         self._check(score, (self.offsets[-1],))
         positive_at, positive_class, negative_at, negative_class = self.segments
-        return _segment_ap(score[positive_at], positive_class, score[negative_at], negative_class, self.shape[0])
+        return _segment_ap(score[positive_at], score[negative_at], positive_class, negative_class, self.shape[0])
 
     @staticmethod
     def _check(score: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -166,30 +165,31 @@ class _FoldRanking:
             score = self.ranked_values(score)
         _Ranking._check(score, (self.offsets[-1],))
         positive_at, positive_class, negative_at, negative_class = self.segments
-        ap = _segment_ap(score[positive_at], positive_class, score[negative_at], negative_class,
+        ap = _segment_ap(score[positive_at], score[negative_at], positive_class, negative_class,
                          len(self.parts) * self.shape[0])
         return ap.reshape(len(self.parts), self.shape[0])
 
 
-def _segment_ap(positive_scores: np.ndarray, positive_class: np.ndarray, negative_scores: np.ndarray,
-                negative_class: np.ndarray, n_classes: int) -> np.ndarray:
+def _segment_ap(positive_scores: np.ndarray, negative_scores: np.ndarray, positive_class: np.ndarray | None = None,
+                negative_class: np.ndarray | None = None, n_classes: int = 1) -> np.ndarray:
     """AP of every class at once from its positives' and negatives' scores (NaN without positives).
 
-    ``positive_class`` and ``negative_class`` give each score's class, in non-decreasing order.
-    Scores are packed with their class into keys that sort class by class, then by score (ties
-    kept), so one sort of the positives and one of the negatives, and one binary search, give
-    for each positive the positives and the negatives of its class that score at least as high.
+    ``positive_class`` and ``negative_class`` give each score's class, in non-decreasing order
+    (None: one class). Scores are packed with their class into keys that sort class by class,
+    then by score (ties kept), so one sort of the positives and one of the negatives, and one
+    binary search, give for each positive the positives and the negatives of its class that
+    score at least as high.
     """
-    if n_classes == 1:  # one class: the scores order themselves (sorting puts -0.0 beside its equal 0.0)
-        keys = np.concatenate([positive_scores, negative_scores])
-        positive_class = np.zeros(positive_scores.size, dtype=np.intp)
-        negative_class = np.zeros(negative_scores.size, dtype=np.intp)
+    if positive_class is None:  # one class: the scores order themselves (a sort puts -0.0 beside its equal 0.0)
+        positives, negatives = np.sort(positive_scores), np.sort(negative_scores)
+        positive_class = np.zeros(positives.size, dtype=np.intp)
+        n_negative = np.array([negatives.size])
     else:
         keys = _class_score_keys(np.concatenate([positive_scores, negative_scores]),
                                  np.concatenate([positive_class, negative_class]))
-    positives, negatives = np.sort(keys[: positive_scores.size]), np.sort(keys[positive_scores.size :])
+        positives, negatives = np.sort(keys[: positive_scores.size]), np.sort(keys[positive_scores.size :])
+        n_negative = np.bincount(negative_class, minlength=n_classes)
     n_positive = np.bincount(positive_class, minlength=n_classes)
-    n_negative = np.bincount(negative_class, minlength=n_classes)
     # Positives at or above each positive: its class's end minus the index where its tie group starts.
     group_start = np.ones(positives.size, dtype=bool)
     np.not_equal(positives[1:], positives[:-1], out=group_start[1:])

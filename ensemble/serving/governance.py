@@ -246,7 +246,9 @@ def record_evaluation(result, data_root: str | Path, name: str, version: str, *,
         mlflow.log_metrics(result.metrics())
         mlflow.log_text(result.per_class.to_csv(), "evaluation/per_class_ap.csv")
         mlflow.log_text(result.report(), "evaluation/report.txt")
-        if result.plot is not None:  # a local file or a URL (s3://...): MLflow logs local files only
+        if result.plot is not None and "://" not in str(result.plot):
+            mlflow.log_artifact(str(result.plot), "evaluation")
+        elif result.plot is not None:  # a URL (s3://...): MLflow logs local files only
             with tempfile.TemporaryDirectory() as tmp:
                 plot = Path(tmp) / Path(str(result.plot)).name
                 plot.write_bytes(read_bytes(str(result.plot)))
