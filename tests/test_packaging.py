@@ -15,7 +15,7 @@ CHECK = """
 import sys
 sys.path.append({site!r})  # the dependencies, after the wheel: the wheel's ensemble must win
 import ensemble
-from ensemble.search_space import list_search_spaces, read_search_space
+from ensemble.zoo.search_space import list_search_spaces, read_search_space
 from ensemble.zoo import ZOO_DIR, load_zoo
 assert ensemble.__file__.startswith({venv!r}), ensemble.__file__
 zoos = sorted(p.stem for p in ZOO_DIR.glob("*.yaml"))

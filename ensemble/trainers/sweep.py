@@ -2,7 +2,7 @@
 
 Tune + Train under Ray Train V2: the trainable is a driver function that builds a
 ``TorchTrainer`` whose ``TuneReportCallback`` forwards each epoch's report to Tune.
-Search spaces are YAML (:mod:`ensemble.search_space`).
+Search spaces are YAML (:mod:`ensemble.zoo.search_space`).
 
 A sweep is nested in the folds: the sweep of outer fold j trains its trials on the other folds
 and scores them on their inner validation split (``val_map``), and its best config, written to
@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import tracking
 from ensemble.storage import arrow_filesystem, exists, join, read_bytes, write_bytes
-from ensemble.search_space import DOMAIN_ARGUMENTS, apply_config, read_search_space
+from ensemble.zoo.search_space import DOMAIN_ARGUMENTS, apply_config, read_search_space
 from ensemble.trainers.fit import RunContext, trainer_for
 from ensemble.zoo import ModelSpec
 
@@ -44,7 +44,7 @@ TRIAL_DRIVER_CPU = 0.01
 
 
 def load_search_space(path: str | Path) -> dict[str, Any]:
-    """A search space (:func:`ensemble.search_space.read_search_space`) as Ray Tune domains."""
+    """A search space (:func:`ensemble.zoo.search_space.read_search_space`) as Ray Tune domains."""
     return {key: DOMAINS[domain["type"]](*(domain[name] for name in DOMAIN_ARGUMENTS[domain["type"]]))
             for key, domain in read_search_space(path).items()}
 

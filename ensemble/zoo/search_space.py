@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from ensemble.zoo import MAX_UPSAMPLING, ModelSpec, SpecError, TrainSettings, setting_value
+from ensemble.zoo.spec import MAX_UPSAMPLING, ModelSpec, SpecError, TrainSettings, setting_value
 
-SEARCH_SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"
+SEARCH_SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 DOMAIN_ARGUMENTS = {
     "loguniform": ("low", "high"),
     "uniform": ("low", "high"),

@@ -27,7 +27,7 @@ MIN_CELL_SIZE = 16            # px; below it a backbone's first strides leave no
 MAX_UPSAMPLING = 2            # a model may see the store's crops enlarged at most this much
 # timm schedules whose shape the epoch count alone defines (step/multistep would need decay settings)
 SCHEDULES = ("cosine", "tanh", "poly", "wsd", "constant")
-ZOO_DIR = Path(__file__).resolve().parent / "zoos"
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoos"
 
 
 class SpecError(ValueError):
