@@ -21,7 +21,7 @@ import pandas as pd
 from ensemble import tracking
 from ensemble.checks import data_notes
 from ensemble.cluster import check_jobs_fit, check_shared, cluster_shape, default_concurrency
-from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.data.store import CellStore, evaluation_labels, open_store
 from ensemble.data.store_build import PrepareReport, prepare
 from ensemble.integrity import IntegrityCV
 from ensemble.integrity.remote import fit_integrity
@@ -145,7 +145,7 @@ def store_labels(store: CellStore) -> pd.DataFrame:
     return frame
 
 
-def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, tracking_uri: str | None = None,
+def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id: str, tracking_uri: str | None = None,
                 parent_run_id: str | None = None, *, strict: bool = False, **options) -> EnsembleSpec:
     """``select_ensemble`` on OOF tables (:func:`load_oof_dir`, :func:`load_oof_mlflow`), scored
     against the store's labels.
@@ -158,11 +158,12 @@ def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, track
     store) are scored on the cells they have: a warning says how many and which images, or with
     ``strict`` a ValueError.
     """
-    labels = store_labels(CellStore(store))
+    store = open_store(store)
+    labels = store_labels(store)
     missing = ~pd.MultiIndex.from_frame(labels[KEYS]).isin(pd.MultiIndex.from_frame(oof.index[KEYS]))
     if missing.any():
         images = labels.loc[missing, "image_id"].unique()
-        message = (f"the OOF tables together miss {int(missing.sum())} of the {len(labels)} cells of {store}, in "
+        message = (f"the OOF tables together miss {int(missing.sum())} of the {len(labels)} cells of {store.uri}, in "
                    f"{len(images)} images ({', '.join(map(str, images[:5]))}{', ...' if len(images) > 5 else ''}): "
                    "selection scores only the cells they cover")
         if strict:
@@ -183,25 +184,28 @@ def select_step(oof: OOFSet, store: str, out_dir: str, experiment_id: str, track
 
 
 def relabel_step(zoo: Zoo, workdir: str, *, tracking_uri: str | None = None, progress: bool = True,
-                 max_concurrent: int | None = None,
-                 folds: list[int] | None = None) -> tuple[FoldSpecs, list[RoundResult]]:
+                 max_concurrent: int | None = None, folds: list[int] | None = None,
+                 store: CellStore | None = None) -> tuple[FoldSpecs, list[RoundResult]]:
     """CRA rounds of ``zoo.relabel``, nested in the folds (:mod:`ensemble.trainers.relabel`).
 
     Returns each (model, fold) job of the zoo set to train on its outer fold's last label
     version (``cra{R}-f{j}``, made from the other folds alone), and the rounds; no job and no
     round without ``zoo.relabel.rounds``. Each round's DSAs train as their own zoo
     (``{zoo}-{label version}``, its own MLflow experiment and ``{workdir}/labels-{version}``), so
-    they never mix with the final models. ``folds``: the outer folds to re-label for (default: all).
+    they never mix with the final models. ``folds``: the outer folds to re-label for (default: all);
+    ``store``: the workdir's store, when already open.
     """
     if not zoo.relabel.rounds:
         return {}, []
-    train = nested_trainer(zoo, store_uri(workdir), workdir, tracking_uri=tracking_uri, progress=progress,
+    store = store or CellStore(store_uri(workdir))
+    train = nested_trainer(zoo, store, workdir, tracking_uri=tracking_uri, progress=progress,
                            max_concurrent=max_concurrent)
-    rounds = cra_rounds(store_uri(workdir), train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta, folds=folds)
+    rounds = cra_rounds(store, train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta, folds=folds)
     return fold_specs(zoo, rounds[-1].versions), rounds
 
 
-def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> IntegrityResult:
+def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet,
+                   store: CellStore | None = None) -> IntegrityResult:
     """Fit the VID of ``zoo.integrity`` on the store, score it held out, decide the weighting.
 
     The held-out weights (cross-validated by image) multiply the ensemble's nested predictions
@@ -209,12 +213,13 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet) -> I
     when the spec was selected without nesting). ``weighting: auto`` turns weighting on where it
     raises the selection's objective, decided per outer fold on the other folds and reported
     nested (:func:`~ensemble.selectors.weighting.decide_weighting`). Resumable: the held-out
-    table and the model are kept under ``{workdir}/integrity``.
+    table and the model are kept under ``{workdir}/integrity``. ``store``: the workdir's store,
+    when already open.
     """
     settings = zoo.integrity
-    store = CellStore(store_uri(workdir))
+    store = store or CellStore(store_uri(workdir))
     # A Ray task with the zoo's placement: a GPU worker on a cluster, not the head's CPU.
-    cv, model_uri = fit_integrity(store_uri(workdir), join(workdir, "integrity"), settings, zoo.placement)
+    cv, model_uri = fit_integrity(store.uri, join(workdir, "integrity"), settings, zoo.placement)
     fused = spec.nested_predictions if spec.nested_predictions is not None else apply_spec(spec, oof)
     weights = cv.cells.set_index(KEYS)[f"w_{settings.rule}"]
     # Cells without a good/bad label were not held out: they keep weight 1.
@@ -295,24 +300,25 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
     report = prepare(data, store_uri(workdir), cell_size=zoo.cell_size, n_folds=zoo.n_folds, segmenter=segmenter,
                      segmenter_settings=segmenter_settings, progress=progress)
     # The store's fold count is the zoo's: prepare refuses a store built with another.
+    store = CellStore(store_uri(workdir))  # opened once: every step below reads this one
     max_concurrent = max_concurrent or default_concurrency(zoo, shape, len(zoo.models) * zoo.n_folds)
     # Each outer fold's job trains on labels (CRA) and settings (sweep) its own labels did not choose.
     specs, rounds = relabel_step(zoo, workdir, tracking_uri=tracking_uri, progress=progress,
-                                 max_concurrent=max_concurrent)
+                                 max_concurrent=max_concurrent, store=store)
     sweeps = {}
     if sweep:
         specs, sweeps = sweep_step(zoo, workdir, specs, num_samples=sweep_samples, experiment=experiment,
                                    tracking_uri=tracking_uri)
-    training = train_zoo(zoo, store_uri(workdir), workdir, experiment=experiment, tracking_uri=tracking_uri,
+    training = train_zoo(zoo, store, workdir, experiment=experiment, tracking_uri=tracking_uri,
                          progress=progress, max_concurrent=max_concurrent, specs=specs)
     ensemble = version = integrity = None
     if select and len(zoo.models) > 1:
         # The zoo's own models: the workdir may hold tables of models an earlier zoo trained.
         oof = load_oof_dir(join(workdir, "oof"), models=[m.name for m in zoo.models])
-        ensemble = select_step(oof, store_uri(workdir), join(workdir, "ensemble"), training.experiment_id,
+        ensemble = select_step(oof, store, join(workdir, "ensemble"), training.experiment_id,
                                tracking_uri, training.parent_run_id)
         if zoo.integrity.enabled:
-            integrity = integrity_step(zoo, workdir, ensemble, oof)
+            integrity = integrity_step(zoo, workdir, ensemble, oof, store)
             client = tracking.client(tracking_uri)
             for key, value in integrity.metrics().items():
                 client.log_metric(training.parent_run_id, key, value)
@@ -320,7 +326,7 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
         if register:
             experiment_name = experiment or zoo.name
             members = member_checkpoints(experiment_name, needed_models(ensemble), tracking_uri)
-            version = register_ensemble(ensemble, members, Preprocessing.from_store(store_uri(workdir)),
+            version = register_ensemble(ensemble, members, Preprocessing.from_store(store),
                                         tracking_uri=tracking_uri, experiment=experiment_name,
                                         integrity_dir=integrity.uri if integrity else None, zoo=zoo.name)
     return PipelineResult(zoo=zoo, prepare=report, training=training, ensemble=ensemble, model_version=version,

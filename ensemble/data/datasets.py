@@ -25,11 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
-from ensemble.data.store import CellStore
-
-
-def _open(store: CellStore | str) -> CellStore:
-    return store if isinstance(store, CellStore) else CellStore(store)
+from ensemble.data.store import CellStore, open_store
 
 
 def _rows(store: CellStore, rows: np.ndarray | None, folds: Iterable[int] | None) -> np.ndarray:
@@ -105,7 +101,7 @@ class CellDataset(Dataset):
         transform: Callable | None = None,
         in_memory: bool = False,
     ):
-        self.store = _open(store)
+        self.store = open_store(store)
         self.rows = _rows(self.store, rows, folds)
         self.targets = self.store.labels(labels)[self.rows]
         self.transform = transform
@@ -173,7 +169,7 @@ class BagDataset(Dataset):
     ):
         if bag_size < 1:
             raise ValueError(f"bag_size must be >= 1, got {bag_size}")
-        self.store = _open(store)
+        self.store = open_store(store)
         self.rows = _rows(self.store, rows, folds)
         self.bag_size, self.train, self.transform, self.seed = bag_size, train, transform, seed
         # In shared memory: persistent DataLoader workers hold their own copy of the dataset, and
@@ -403,7 +399,7 @@ class ImageChunks(Dataset):
                  max_cells: int = 1024):
         if max_cells < 1:
             raise ValueError(f"max_cells must be >= 1, got {max_cells}")
-        self.store = _open(store)
+        self.store = open_store(store)
         self.rows = _rows(self.store, rows, folds)
         _, starts, counts = _image_runs(self.store, self.rows)
         ends = starts + counts

@@ -97,6 +97,11 @@ def write_atomic(fs, path: str, data: bytes) -> None:
     fs.mv(temporary, path)
 
 
+def open_store(store: CellStore | str | Path) -> CellStore:
+    """``store`` as it is when opened, else opened from its URI: a run's steps share one store."""
+    return store if isinstance(store, CellStore) else CellStore(store)
+
+
 class CellStore:
     """Read a cell store: the cell table, crops by row, label versions.
 

@@ -32,7 +32,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from xgboost import XGBClassifier
 
 from ensemble.data.crops import TRUTH_IOU
-from ensemble.data.store import CellStore
+from ensemble.data.store import CellStore, open_store
 from ensemble.data.features import VID_FEATURES
 from ensemble.integrity.capture import (CAPTURE_CLASSES, CAPTURE_EDGES, CaptureNet, capture_class, predict_capture,
                                         train_capture)
@@ -120,7 +120,7 @@ class IntegrityModel(BaseEstimator):
         self
         """
         self._check_params()
-        store = store if isinstance(store, CellStore) else CellStore(store)
+        store = open_store(store)
         rows = np.arange(len(store)) if rows is None else np.asarray(rows, dtype=np.int64)
         cells = store.cells.iloc[rows]
         good = integrity_targets(store, labels_csv)[rows]
@@ -248,7 +248,7 @@ def cross_validate_integrity(store: CellStore | str, n_splits: int = 5, labels_c
     -------
     IntegrityCV
     """
-    store = store if isinstance(store, CellStore) else CellStore(store)
+    store = open_store(store)
     good = integrity_targets(store, labels_csv)
     labelled = np.flatnonzero(~np.isnan(good))
     images = store.cells["image_id"].to_numpy()

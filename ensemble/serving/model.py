@@ -80,7 +80,7 @@ from ensemble.data import hpa
 from ensemble.data.crops import cut_cells
 from ensemble.data.features import FeatureSettings
 from ensemble.data.segment import create_segmenter, image_cells
-from ensemble.data.store import CellStore
+from ensemble.data.store import CellStore, open_store
 from ensemble.labels import CLASS_NAMES, NUM_CLASSES
 from ensemble.models import load_network
 from ensemble.models.inference import predict_cells
@@ -120,9 +120,9 @@ class Preprocessing:
     features: dict = field(default_factory=lambda: dataclasses.asdict(FeatureSettings()))
 
     @classmethod
-    def from_store(cls, store: str | Path) -> Preprocessing:
+    def from_store(cls, store: CellStore | str | Path) -> Preprocessing:
         """The preprocessing recorded in a cell store's meta.json."""
-        meta = CellStore(store).meta
+        meta = open_store(store).meta
         return cls(segmenter=meta["segmenter"], cell_size=int(meta["cell_size"]), features=meta["features"])
 
     @classmethod

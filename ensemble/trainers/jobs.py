@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ensemble import tracking
 from ensemble.cluster import cluster_shape, default_concurrency
-from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.data.store import CellStore, evaluation_labels, open_store
 from ensemble.metrics import cell_map
 from ensemble.models.backbones import family_of
 from ensemble.oof import CELL_COLUMNS, KEYS
@@ -106,15 +106,15 @@ def parent_run(zoo: Zoo, experiment_id: str, fingerprint: str, uri: str | None):
     return tracking.client(uri).create_run(experiment_id, run_name=f"train_all-{zoo.name}", tags=tags)
 
 
-def open_zoo(zoo: Zoo, store_uri: str, workdir: str, experiment: str | None = None,
+def open_zoo(zoo: Zoo, store: CellStore | str, workdir: str, experiment: str | None = None,
              tracking_uri: str | None = None) -> RunContext:
     """The context of a zoo's jobs: its MLflow experiment and train_all run (reopened if unfinished)."""
-    store = CellStore(store_uri)
+    store = open_store(store)
     uri = tracking.tracking_uri(tracking_uri)
     experiment_id = tracking.ensure_experiment(experiment or zoo.name, uri)
     fingerprint = store.meta["source"]["fingerprint"]
     parent = parent_run(zoo, experiment_id, fingerprint, uri)
-    return RunContext(zoo=zoo.name, store=store_uri, workdir=workdir, experiment_id=experiment_id,
+    return RunContext(zoo=zoo.name, store=store.uri, workdir=workdir, experiment_id=experiment_id,
                       tracking_uri=uri, fingerprint=fingerprint, parent_run_id=parent.info.run_id)
 
 
@@ -190,7 +190,7 @@ def oof_summary(zoo: Zoo, store: CellStore, oof: dict[str, str], jobs: list[JobR
     return pd.DataFrame(rows)
 
 
-def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None = None,
+def train_zoo(zoo: Zoo, store: CellStore | str, workdir: str, *, experiment: str | None = None,
               tracking_uri: str | None = None, progress: bool = True,
               max_concurrent: int | None = None, specs: FoldSpecs | None = None) -> TrainAllResult:
     """Train every model of ``zoo`` on every fold of the store; resumable; returns the OOF tables.
@@ -201,10 +201,10 @@ def train_zoo(zoo: Zoo, store_uri: str, workdir: str, *, experiment: str | None 
     fold's sweep config or CRA labels); each keeps its model's name.
     """
     preflight_zoo(zoo)
-    store = CellStore(store_uri)
+    store = open_store(store)
     n_folds = int(store.cells["fold"].max()) + 1
     folds = list(range(n_folds))
-    ctx = open_zoo(zoo, store_uri, workdir, experiment, tracking_uri)
+    ctx = open_zoo(zoo, store, workdir, experiment, tracking_uri)
     client = tracking.client(ctx.tracking_uri)
     try:
         limit = max_concurrent or default_concurrency(zoo, cluster_shape(), len(zoo.models) * len(folds))

@@ -34,7 +34,7 @@ import pandas as pd
 
 from ensemble import tracking
 from ensemble.checks import preflight_zoo
-from ensemble.data.store import CellStore, evaluation_labels
+from ensemble.data.store import CellStore, evaluation_labels, open_store
 from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import cell_map
 from ensemble.oof import CELL_COLUMNS, KEYS
@@ -152,7 +152,7 @@ def combined_confidence(store: CellStore | str, oof_tables: OofTables, rows: np.
     -------
     ndarray of float32, shape (len(rows), 19)
     """
-    store = _open(store)
+    store = open_store(store)
     if not oof_tables:
         raise ValueError("oof_tables is empty: give the OOF tables of at least one model")
     keys = _keys(store, rows)
@@ -186,7 +186,7 @@ def relabel(store: CellStore | str, oof_tables: OofTables, beta: float = DEFAULT
     RelabelResult
         ``quality`` is measured on the re-labelled cells.
     """
-    store = _open(store)
+    store = open_store(store)
     rows = _rows_without(store, outer)
     labels = store.labels("weak")
     # Only the image's own classes survive: relabelling removes weak labels, it never adds one.
@@ -216,7 +216,7 @@ def label_quality(store: CellStore | str, version: str, rows: np.ndarray | None 
     -------
     float
     """
-    store = _open(store)
+    store = open_store(store)
     rows = np.arange(len(store)) if rows is None else rows
     truth = store.labels("truth")[rows]  # KeyError when the store has no truth
     known = ~np.isnan(truth).any(axis=1)
@@ -254,7 +254,7 @@ def cra_rounds(store: CellStore | str, train_dsas: Callable[[Mapping[int, str]],
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    store = _open(store)
+    store = open_store(store)
     if start not in store.label_versions():
         raise KeyError(f"label version {start!r} not in {store.uri}; have {store.label_versions()}")
     folds = sorted(int(f) for f in (np.unique(store.cells["fold"]) if folds is None else folds))
@@ -280,7 +280,7 @@ def cra_rounds(store: CellStore | str, train_dsas: Callable[[Mapping[int, str]],
 def oof_maps(store: CellStore | str, oof_tables: OofTables, rows: np.ndarray | None = None) -> dict[str, float]:
     """OOF cell mAP of each model on ``rows`` (default: every cell), against
     :func:`~ensemble.data.store.evaluation_labels`."""
-    store = _open(store)
+    store = open_store(store)
     labels, _ = evaluation_labels(store)
     rows = np.arange(len(store)) if rows is None else rows
     keys = _keys(store, rows)
@@ -306,7 +306,7 @@ def relabelled_zoo(zoo: Zoo, version: str, heads: tuple[str, ...] = ("dsa",)) ->
     return dataclasses.replace(zoo, name=f"{zoo.name}-{version}", models=models)
 
 
-def zoo_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...] = ("dsa",),
+def zoo_trainer(zoo: Zoo, store: CellStore | str, workdir: str, heads: tuple[str, ...] = ("dsa",),
                 **train_zoo_kwargs) -> Callable[[str], dict[str, str]]:
     """A function that trains a zoo's models of ``heads`` on a given label version, on every fold.
 
@@ -317,7 +317,7 @@ def zoo_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...] =
     Parameters
     ----------
     zoo : Zoo
-    store_uri : str
+    store : CellStore or str
     workdir : str
     heads : tuple of str
         Heads of the zoo to train.
@@ -327,13 +327,13 @@ def zoo_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...] =
     relabelled_zoo(zoo, "weak", heads)  # fail now, not after a round of training, if no model fits
 
     def train(version: str) -> dict[str, str]:
-        return train_zoo(relabelled_zoo(zoo, version, heads), store_uri, join(workdir, f"labels-{version}"),
+        return train_zoo(relabelled_zoo(zoo, version, heads), store, join(workdir, f"labels-{version}"),
                          **train_zoo_kwargs).oof
 
     return train
 
 
-def nested_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...] = ("dsa",), *,
+def nested_trainer(zoo: Zoo, store: CellStore | str, workdir: str, heads: tuple[str, ...] = ("dsa",), *,
                    tracking_uri: str | None = None, progress: bool = True,
                    max_concurrent: int | None = None) -> Callable[[Mapping[int, str]], dict[int, dict[str, str]]]:
     """A ``train_dsas`` for :func:`cra_rounds`: each outer fold's models on its label version, on the other folds.
@@ -350,7 +350,7 @@ def nested_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...
     Parameters
     ----------
     zoo : Zoo
-    store_uri : str
+    store : CellStore or str
     workdir : str
     heads : tuple of str
         Heads of the zoo to train (the paper re-labels with DSAs only).
@@ -362,11 +362,12 @@ def nested_trainer(zoo: Zoo, store_uri: str, workdir: str, heads: tuple[str, ...
     preflight_zoo(relabelled_zoo(zoo, "weak", heads))  # fail now, not after a round of training
 
     def train(versions: Mapping[int, str]) -> dict[int, dict[str, str]]:
-        folds = [int(f) for f in np.unique(CellStore(store_uri).cells["fold"])]
+        opened = open_store(store)
+        folds = [int(f) for f in np.unique(opened.cells["fold"])]
         contexts = {}
         for version in sorted(set(versions.values())):
             sub = relabelled_zoo(zoo, version, heads)
-            contexts[version] = sub, open_zoo(sub, store_uri, join(workdir, f"labels-{version}"),
+            contexts[version] = sub, open_zoo(sub, opened, join(workdir, f"labels-{version}"),
                                               tracking_uri=tracking_uri)
         jobs = {}
         for j, version in versions.items():
@@ -431,7 +432,3 @@ def _rows_without(store: CellStore, outer: int | None) -> np.ndarray:
     """Store rows of every fold but ``outer`` (every row when None)."""
     folds = store.cells["fold"].to_numpy()
     return np.arange(len(folds)) if outer is None else np.flatnonzero(folds != outer)
-
-
-def _open(store: CellStore | str) -> CellStore:
-    return store if isinstance(store, CellStore) else CellStore(store)
