@@ -2,7 +2,8 @@
 nodes (``ray start`` on 127.0.0.1, each with its own CPU and temp dir), an S3-protocol server as
 the bucket (moto's server mode), and a real ``mlflow server`` with its artifacts in that bucket.
 
-``train_all.py`` is submitted as a Ray job with ``s3://`` data and workdir; one worker node is
+``train_all.py`` is submitted as a Ray job with ``s3://`` data and workdir (Kaggle-shaped: 16-bit,
+no cell truth; ``bench/rehearsal.sh`` runs the same path with the hcpl zoo at 2048 px); one worker node is
 killed mid-training (its raylet, by pid); the run completes on the other node, its OOF tables
 cover every cell once, no MLflow run is duplicated, and a fresh process predicts ``s3://`` images
 into the bucket with the registered champion.
@@ -50,7 +51,7 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
-    """An S3 server on 127.0.0.1 holding a simulated dataset under s3://hpa/data (and test images)."""
+    """An S3 server on 127.0.0.1 holding a Kaggle-shaped dataset under s3://hpa/data (and test images)."""
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -67,7 +68,8 @@ def bucket(tmp_path_factory):
     os.environ.update(env)  # this process reads the bucket too
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     local = tmp_path_factory.mktemp("bucket-data")
-    simulate(local / "data", n_images=12, seed=11, size=160, difficulty="easy")
+    # As the Kaggle data comes (16-bit, image labels only, no truth/), at a size CPU tests afford.
+    simulate(local / "data", n_images=12, seed=11, size=160, difficulty="easy", bit_depth=16, truth=False)
     simulate(local / "test", n_images=2, seed=12, size=160, difficulty="easy", split="test")
     fs = s3fs.S3FileSystem()
     fs.put(f"{local}/data/", f"{BUCKET}/data/", recursive=True)

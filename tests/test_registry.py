@@ -1,8 +1,8 @@
 """The registered ensemble: checkpoints from training runs, the MLflow registry (SQLite and a real
 server), promotion by score and the tags each version carries, evaluation logged against a
 version, a fresh process loading ``models:/hpa-ensemble@champion`` (with the code the model
-carries), the Ray prediction pipeline on it, and inference that reproduces the training-time
-prediction path cell for cell. (``mlflow models serve`` runs in test_serving.py.)"""
+carries) and the Ray prediction pipeline on it. (``mlflow models serve`` runs in test_serving.py;
+serving against the training code, cell for cell, in test_parity.py.)"""
 
 from __future__ import annotations
 
@@ -33,21 +33,17 @@ from ensemble import tracking
 from ensemble.cli.product import PROMOTE as CLI_PROMOTE
 from ensemble.cli.product import add_commands
 from ensemble.serving.governance import PROMOTE, VersionScores, decide_promotion, list_versions
-from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
 from ensemble.data.hpa import read_image
 from ensemble.sim.images import simulate
 from ensemble.labels import CHANNELS, CLASS_NAMES
 from ensemble.serving.predict import predict_images
 from ensemble.models import build_model
-from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
+from ensemble.oof import CELL_COLUMNS
 from ensemble.serving.registry import MemberCheckpoints, member_checkpoints, register_ensemble, save_ensemble
-from ensemble.serving.model import OUTPUT_COLUMNS, Preprocessing, load_ensemble
+from ensemble.serving.model import Preprocessing, load_ensemble
 from ensemble.sim.oof import make_synthetic_oof
-from ensemble.selectors import MethodScore, apply_spec, select_ensemble
-from ensemble.serving.inputs import SERVING_COLUMNS
-from ensemble.serving.submission import decode_mask
-from ensemble.trainers.loop import predict_rows
+from ensemble.selectors import MethodScore, select_ensemble
 from ensemble.zoo import ModelSpec
 
 NAME = "hpa-ensemble"
@@ -411,53 +407,6 @@ def test_registration_refuses_incomplete_ensembles(trained, registered):
     with pytest.raises(ValueError, match="no integrity model"):
         register_ensemble(dataclasses.replace(registered.spec, integrity_weighting=True), registered.members,
                           preprocessing, tracking_uri=trained.uri, name="broken")
-
-
-def reference_predictions(store: CellStore, spec, members) -> pd.DataFrame:
-    """The ensemble on the store's cells through the training code: predict_rows per fold network,
-    the mean over a member's fold networks, then apply_spec."""
-    frames = {}
-    for name, member in members.items():
-        tables = []
-        for path in member.folds.values():
-            network = build_model(member.spec)
-            network.load_state_dict(torch.load(path, weights_only=True))
-            table = predict_rows(network, store, np.arange(len(store)), member.spec, torch.device("cpu"))
-            tables.append(table.sort_values(["image_id", "cell_id"], ignore_index=True))
-        columns = [c for c in (*CELL_COLUMNS, *IMAGE_COLUMNS) if c in tables[0]]
-        frames[name] = tables[0].drop(columns="fold").assign(
-            **dict(zip(columns, np.mean([t[columns].to_numpy() for t in tables], axis=0).T)))
-    return apply_spec(spec, frames)
-
-
-def test_inference_reproduces_the_training_crops_and_predictions(trained, registered):
-    mlflow.set_tracking_uri(trained.uri)
-    champion = mlflow.pyfunc.load_model(CHAMPION)
-    model = champion.unwrap_python_model()
-    store = CellStore(trained.store)
-    ids = sorted(store.cells["image_id"].unique())
-    image = read_image(trained.root, ids[0], "train")
-    segmented = model.segment(ids[0], image)
-    rows = store.image_slice(ids[0])
-    np.testing.assert_array_equal(segmented.cells["cell_id"], store.cells["cell_id"].iloc[rows])
-    np.testing.assert_array_equal(segmented.crops, store.crops(np.arange(rows.start, rows.stop)))
-
-    frame = pd.DataFrame({"image_id": ids, "root": str(trained.root), "split": "train"})
-    served = champion.predict(frame)
-    assert list(served.columns) == SERVING_COLUMNS, "the served output names each probability by its class"
-    out = served.rename(columns=dict(zip(CLASS_NAMES, CELL_COLUMNS)))
-    assert list(out.columns) == OUTPUT_COLUMNS
-    assert (out[CELL_COLUMNS].dtypes == np.float32).all() and out["integrity"].dtype == np.float32
-    assert (out["integrity"] == 1).all(), "no integrity model: every cell weighs 1"
-    reference = reference_predictions(store, registered.spec, registered.members)
-    merged = reference.merge(out, on=["image_id", "cell_id"], suffixes=("_reference", ""), validate="1:1")
-    assert len(merged) == len(out) == len(store)
-    np.testing.assert_allclose(merged[CELL_COLUMNS].to_numpy(),
-                               merged[[f"{c}_reference" for c in CELL_COLUMNS]].to_numpy(), atol=1e-5)
-    cells = model.segmenter(image).cells
-    first = out[out["image_id"] == ids[0]]
-    for cell_id, rle in zip(first["cell_id"], first["rle"]):
-        np.testing.assert_array_equal(decode_mask(rle, *cells.shape), cells == cell_id)
 
 
 FRESH_PROCESS = textwrap.dedent("""
