@@ -145,8 +145,9 @@ def store_labels(store: CellStore) -> pd.DataFrame:
     return frame
 
 
-def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id: str, tracking_uri: str | None = None,
-                parent_run_id: str | None = None, *, strict: bool = False, **options) -> EnsembleSpec:
+def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id: str,
+                tracking_uri: str | None = None, parent_run_id: str | None = None, *, strict: bool = False,
+                **options) -> EnsembleSpec:
     """``select_ensemble`` on OOF tables (:func:`load_oof_dir`, :func:`load_oof_mlflow`), scored
     against the store's labels.
 
@@ -163,8 +164,8 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
     missing = ~pd.MultiIndex.from_frame(labels[KEYS]).isin(pd.MultiIndex.from_frame(oof.index[KEYS]))
     if missing.any():
         images = labels.loc[missing, "image_id"].unique()
-        message = (f"the OOF tables together miss {int(missing.sum())} of the {len(labels)} cells of {store.uri}, in "
-                   f"{len(images)} images ({', '.join(map(str, images[:5]))}{', ...' if len(images) > 5 else ''}): "
+        message = (f"the OOF tables together miss {int(missing.sum())} of the {len(labels)} cells of {store.uri}, "
+                   f"in {len(images)} images ({', '.join(map(str, images[:5]))}{', ...' if len(images) > 5 else ''}): "
                    "selection scores only the cells they cover")
         if strict:
             raise ValueError(message)

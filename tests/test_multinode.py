@@ -2,11 +2,11 @@
 nodes (``ray start`` on 127.0.0.1, each with its own CPU and temp dir), an S3-protocol server as
 the bucket (moto's server mode), and a real ``mlflow server`` with its artifacts in that bucket.
 
-``train_all.py`` is submitted as a Ray job with ``s3://`` data and workdir (Kaggle-shaped: 16-bit,
-no cell truth; ``bench/rehearsal.sh`` runs the same path with the hcpl zoo at 2048 px); one worker node is
-killed mid-training (its raylet, by pid); the run completes on the other node, its OOF tables
-cover every cell once, no MLflow run is duplicated, and a fresh process predicts ``s3://`` images
-into the bucket with the registered champion.
+``train_all.py`` is submitted as a Ray job with ``s3://`` data and workdir, the data as Kaggle
+gives it (16-bit, no cell truth; ``bench/rehearsal.sh`` runs the same path with the hcpl zoo at
+2048 px); one worker node is killed mid-training (its raylet, by pid); the run completes on the
+other node, its OOF tables cover every cell once, no MLflow run is duplicated, and a fresh process
+predicts ``s3://`` images into the bucket with the registered champion.
 """
 
 from __future__ import annotations
