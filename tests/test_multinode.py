@@ -165,14 +165,12 @@ def job_runs(uri: str) -> list:
 
 def test_a_local_tracking_uri_on_several_nodes_is_refused_before_any_job(cluster, bucket, tiny_zoo_file, tmp_path):
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    started = time.monotonic()
     done = subprocess.run([str(BIN / "python"), str(REPO / "train_all.py"), "--zoo", str(tiny_zoo_file), "--data",
                            f"s3://{BUCKET}/data", "--workdir", f"s3://{BUCKET}/refused"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "is a file on this machine" in done.stderr and "MLFLOW_TRACKING_URI" in done.stderr
-    assert time.monotonic() - started < 120
-    assert not bucket["fs"].exists(f"{BUCKET}/refused"), "nothing was written"
+    assert not bucket["fs"].exists(f"{BUCKET}/refused"), "nothing was written: refused before the store"
 
 
 @pytest.mark.timeout(1800)
