@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 
 from ensemble.data import hpa
 from ensemble.sim.images import simulate
-from ensemble.serving.evaluate import compare, evaluate
+from ensemble.serving.evaluate import compare_pairs, evaluate
 from ensemble.models.inference import predict_cells
 from ensemble.data.store import CellStore
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, align_labels, load_oof_dir, member_columns
@@ -204,13 +204,11 @@ def comparisons(seeds: list[dict]) -> pd.DataFrame:
              ("hcpl_fold_fused", "ensemble")]
     groups = [[s] for s in seeds] + ([seeds] if len(seeds) > 1 else [])
     rows = []
-    for candidate, baseline in pairs:
-        for group in groups:
-            result = compare([s["path"] for s in group], [s["test_root"] for s in group], baseline,
-                             candidate=candidate)
-            seed = group[0]["seed"] if len(group) == 1 else "pooled"
-            rows += [{"seed": seed, "comparison": f"{candidate} - {baseline}", "metric": metric, **r.to_dict()}
-                     for metric, r in result.table.iterrows()]
+    for group in groups:
+        seed = group[0]["seed"] if len(group) == 1 else "pooled"
+        for result in compare_pairs([s["path"] for s in group], [s["test_root"] for s in group], pairs):
+            rows += [{"seed": seed, "comparison": f"{result.candidate} - {result.baseline}", "metric": metric,
+                      **r.to_dict()} for metric, r in result.table.iterrows()]
     return pd.DataFrame(rows)
 
 

@@ -11,7 +11,7 @@ from pycocotools import mask as coco_mask
 
 from ensemble.data.hpa import read_truth
 from ensemble.data.segment import match_cells
-from ensemble.serving.evaluate import COUNTS, compare, evaluate
+from ensemble.serving.evaluate import COUNTS, compare, compare_pairs, evaluate
 from ensemble.labels import NUM_CLASSES
 from ensemble.metrics import MaskedCells, cell_map, competition_map
 from ensemble.oof import CELL_COLUMNS
@@ -147,5 +147,9 @@ def test_compare_gives_the_paired_difference_and_an_interval_that_tells_skill_fr
     # The other way round, the interval is the mirror image.
     reverse = compare(path, small_dataset, "ensemble", candidate="guess", n_resamples=200)
     np.testing.assert_allclose(reverse.table["difference"], -result.table["difference"])
+    # Several pairs on images matched once: each as alone.
+    both = compare_pairs(path, small_dataset, [("ensemble", "guess"), ("guess", "ensemble")], n_resamples=200)
+    pd.testing.assert_frame_equal(both[0].table, result.table)
+    pd.testing.assert_frame_equal(both[1].table, reverse.table)
     with pytest.raises(ValueError, match=r"p.parquet: no scores of 'gues'.*'guess'"):
         compare(path, small_dataset, "gues")

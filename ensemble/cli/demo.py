@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ensemble.sim.images import simulate
-from ensemble.serving.evaluate import Comparison, compare, evaluate, prediction_members
+from ensemble.serving.evaluate import Comparison, compare_pairs, evaluate, prediction_members
 from ensemble.pipeline import PipelineResult, train_all
 from ensemble.serving.predict import predict_images
 from ensemble.zoo import load_zoo, zoo_with
@@ -104,6 +104,6 @@ def run_demo(out: str | Path = "demo", *, images: int = 240, image_px: int = 384
     scores = pd.DataFrame({"competition_map": [r.competition.map for r in rows.values()],
                            "cell_map": [r.cell.map for r in rows.values()]}, index=pd.Index(list(rows), name="model"))
     best = dict.fromkeys(scores.drop(index="ensemble").idxmax()[["cell_map", "competition_map"]])
-    comparisons = [compare(predictions.out, str(test_root), member) for member in best]
+    comparisons = compare_pairs(predictions.out, str(test_root), [("ensemble", member) for member in best])
     return DemoResult(pipeline=pipeline, scores=scores, comparisons=comparisons, n_images=rows["ensemble"].n_images,
                       n_cells=rows["ensemble"].n_cells, out=out, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])

@@ -231,50 +231,63 @@ def compare(predictions: str | Path | Sequence[str | Path], data_root: str | Pat
     ValueError
         A score set that is not in the file, or a ``confidence`` outside (0, 1).
     """
+    return compare_pairs(predictions, data_root, [(candidate, baseline)], iou=iou, confidence=confidence,
+                         n_resamples=n_resamples, seed=seed)[0]
+
+
+def compare_pairs(predictions: str | Path | Sequence[str | Path], data_root: str | Path | Sequence[str | Path],
+                  pairs: Sequence[tuple[str, str]], *, iou: float = 0.6, confidence: float = 0.9,
+                  n_resamples: int = 1000, seed: int = 0) -> list[Comparison]:
+    """:func:`compare` of each ``(candidate, baseline)`` of ``pairs``, the images read and matched
+    to their truth once for all of them (matching is most of a comparison's time)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     sources = list(zip(*(([p] if isinstance(p, str | Path) else list(p)) for p in (predictions, data_root)),
                        strict=True))
+    names = list(dict.fromkeys(name for pair in pairs for name in pair))
     for path, _ in sources:
         known = ["ensemble", *prediction_members(path)]
-        for name in (candidate, baseline):
+        for name in names:
             if name not in known:
                 raise ValueError(f"{path}: no scores of {name!r}; it has {known} (members: predict --members)")
-    columns = [c for name in (candidate, baseline)
-               for c in (CELL_COLUMNS if name == "ensemble" else member_columns(name))]
-    # Per image, the (competition, cell) accumulators of the candidate's scores, then the baseline's.
-    images: list[list[tuple[CompetitionScores, CellScores]]] = []
+    columns = [c for name in names for c in (CELL_COLUMNS if name == "ensemble" else member_columns(name))]
+    # Per image and score set, the (competition, cell) accumulators of its scores.
+    images: list[dict[str, tuple[CompetitionScores, CellScores]]] = []
     matched = (image for path, root in sources for image in match_images(path, _truth(root), columns))
     for image in matched:
         if image is None:
             continue
         labels, _ = image.cell_labels(iou)
-        images.append([])
-        for scores in np.split(image.scores, 2, axis=1):
+        images.append({})
+        for name, scores in zip(names, np.split(image.scores, len(names), axis=1)):
             competition, cell = CompetitionScores(iou), CellScores()
             competition.add(image.overlap, scores, image.true_labels)
             cell.add(labels, scores)
-            images[-1].append((competition, cell))
+            images[-1][name] = (competition, cell)
 
-    def maps(sample: np.ndarray) -> np.ndarray:
+    def maps(sample: np.ndarray, pair: tuple[str, str]) -> np.ndarray:
         """(2, 2): candidate then baseline, competition then cell mAP, on the images of ``sample``."""
         with warnings.catch_warnings():  # a resample may lack a class: left out of that mean
             warnings.simplefilter("ignore")
-            return np.array([[CompetitionScores.pooled([images[i][k][0] for i in sample]).result().map,
-                              CellScores.pooled([images[i][k][1] for i in sample]).result().map] for k in (0, 1)])
-
-    def difference(sample: np.ndarray) -> np.ndarray:
-        candidate_maps, baseline_maps = maps(sample)
-        return candidate_maps - baseline_maps
+            return np.array([[CompetitionScores.pooled([images[i][name][0] for i in sample]).result().map,
+                              CellScores.pooled([images[i][name][1] for i in sample]).result().map] for name in pair])
 
     every = np.arange(len(images))
-    (candidate_maps, baseline_maps), interval = maps(every), bootstrap(
-        (every,), difference, vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
-        method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    table = pd.DataFrame({"candidate": candidate_maps, "baseline": baseline_maps,
-                          "difference": candidate_maps - baseline_maps, "low": interval.low, "high": interval.high},
-                         index=["competition_map", "cell_map"])
-    return Comparison(candidate, baseline, table, len(images), confidence)
+    comparisons = []
+    for pair in pairs:
+        def difference(sample: np.ndarray, pair=pair) -> np.ndarray:
+            candidate_maps, baseline_maps = maps(sample, pair)
+            return candidate_maps - baseline_maps
+
+        (candidate_maps, baseline_maps), interval = maps(every, pair), bootstrap(
+            (every,), difference, vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
+            method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        table = pd.DataFrame({"candidate": candidate_maps, "baseline": baseline_maps,
+                              "difference": candidate_maps - baseline_maps, "low": interval.low,
+                              "high": interval.high}, index=["competition_map", "cell_map"])
+        comparisons.append(Comparison(*pair, table, len(images), confidence))
+    return comparisons
+
 
 def _truth(data_root: str | Path) -> hpa.Truth:
     truth = hpa.read_truth(data_root)
