@@ -14,10 +14,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -27,26 +25,11 @@ from mlflow.tracking import MlflowClient
 from ensemble import tracking
 from ensemble.sim.images import simulate
 from ensemble.oof import CELL_COLUMNS
+from rehearsal import start, stop
 from test_cluster import BIN, REPO, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 BUCKET = "hpa"
-
-
-def start(command: list, env: dict, log: Path) -> subprocess.Popen:
-    """A server in a process group of its own, so the teardown stops it and only it."""
-    return subprocess.Popen([str(c) for c in command], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)  # then killed: a graceful Ray stop can take half a minute
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
