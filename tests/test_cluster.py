@@ -245,6 +245,24 @@ def test_a_job_no_node_type_can_offer_fails_at_once_and_autoscaling_gets_every_j
     assert default_concurrency(quick, laptop, 24) == 2, "a fixed cluster gets what its nodes hold"
 
 
+def test_the_driver_nodes_memory_caps_the_jobs_handed_to_ray():
+    import dataclasses
+
+    from ensemble.cluster import ClusterShape, default_concurrency
+    from ensemble.cluster.shape import HEAD_BYTES_PER_QUEUED_JOB, QUEUE_MEMORY_SHARE
+    from ensemble.zoo import load_zoo
+
+    hcpl = load_zoo("hcpl")
+    head = 32 * 2**30  # cluster.yaml's head, an m5.2xlarge
+    aws = ClusterShape.from_config(yaml.safe_load((REPO / "cluster.yaml").read_text()), "cluster.yaml",
+                                   driver_memory=head)
+    fits_in_head = int(head * QUEUE_MEMORY_SHARE // HEAD_BYTES_PER_QUEUED_JOB)
+    assert 1 < fits_in_head < 45, "the hcpl zoo's 45 jobs would not all fit on the head at once"
+    assert default_concurrency(hcpl, aws, 45) == fits_in_head
+    assert default_concurrency(hcpl, aws, 3) == 3
+    assert default_concurrency(hcpl, dataclasses.replace(aws, driver_memory=2**30), 45) == 1, "at least one job"
+
+
 @pytest.mark.slow
 def test_files_on_the_driver_are_refused_on_several_nodes():
     from ensemble.cluster import ClusterShape, NodeType, check_shared

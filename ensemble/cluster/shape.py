@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from ensemble.zoo import ModelSpec, Zoo
 
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
-HEAD_BYTES_PER_QUEUED_JOB = 0.0
-"""Memory each job handed to Ray holds on the driver's node until it ends: its task (a process
-that imports torch) and its Ray Train controller. Measured by bench/rehearsal.sh (BENCHMARKS.md,
-"The user's run, rehearsed")."""
+HEAD_BYTES_PER_QUEUED_JOB = 1.4 * 2**30
+"""Memory each job handed to Ray holds on the driver's node until it ends, started or waiting:
+its task (a process that imports torch), its Ray Train controller and a placement-group cleaner,
+1.4 GiB (PSS) as bench/rehearsal.sh measures it (BENCHMARKS.md, "The user's run, rehearsed")."""
 QUEUE_MEMORY_SHARE = 0.5
 """Of the driver node's available memory, the share queued jobs may hold; the rest is Ray's own
 services, the MLflow server of cluster.yaml and the driver's OOF tables."""
@@ -156,14 +156,14 @@ def check_jobs_fit(zoo: Zoo, shape: ClusterShape) -> None:
 def default_concurrency(zoo: Zoo, shape: ClusterShape, n_jobs: int) -> int:
     """How many jobs to hand Ray at once when the user does not say.
 
-    Every job handed to Ray holds a task and a Ray Train controller on the driver's node until it
-    ends, started or waiting (:data:`HEAD_BYTES_PER_QUEUED_JOB` each). An autoscaling cluster
+    Every job handed to Ray holds a task, a Ray Train controller and a placement-group cleaner on
+    the driver's node until it ends, started or waiting (:data:`HEAD_BYTES_PER_QUEUED_JOB` each). An autoscaling cluster
     gets as many as the driver's node holds in :data:`QUEUE_MEMORY_SHARE` of its memory, up to
     every job, so the autoscaler sees as much demand as can wait. A fixed one gets at most what
     its nodes run at once: a job that cannot start only costs memory.
     """
     queue = n_jobs
-    if math.isfinite(shape.driver_memory) and HEAD_BYTES_PER_QUEUED_JOB > 0:
+    if math.isfinite(shape.driver_memory):
         queue = max(1, min(n_jobs, int(shape.driver_memory * QUEUE_MEMORY_SHARE // HEAD_BYTES_PER_QUEUED_JOB)))
     if shape.autoscaling:
         return queue
