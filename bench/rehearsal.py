@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -290,14 +291,14 @@ def main() -> None:
         watcher.start()
         while True:
             status = cluster.job("status", "rehearsal").stdout
-            if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+            if re.search(r"succeeded|failed|stopped", status, re.I):  # "Job 'rehearsal' succeeded"
                 break
             time.sleep(10)
         ended.set()
         watcher.join()
         finished = time.time()
         (work / "train_all.log").write_text(cluster.job("logs", "rehearsal").stdout)
-        if "SUCCEEDED" not in status:
+        if not re.search("succeeded", status, re.I):
             sys.exit(f"train_all did not succeed:\n{status[-1000:]}\nlog: {work / 'train_all.log'}")
         stage("ray job submit train_all.py, to its end")
         driver = job_stages(tracking_uri, "hcpl", submitted, finished)
