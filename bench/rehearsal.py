@@ -16,12 +16,12 @@ What a user does with the real data, each step with the real part that does it:
    one client and then two at once.
 
 Printed: the wall time of each stage, and the memory of the head node's processes (PSS, every
-process the head's ``ray start`` started, the driver and its jobs' tasks and Train controllers
-included) against the jobs queued on it: every job handed to Ray holds a task and a Train
-controller on the driver's node until it ends. The slope is the head memory per queued job that
-``ensemble.cluster.HEAD_BYTES_PER_QUEUED_JOB`` carries.
+process the head's ``ray start`` started, the driver included) against the jobs queued on it.
+Every job handed to Ray holds a task, a Train controller and a placement-group cleaner on the
+driver's node until it ends: their PSS per queued job is the figure that
+``ensemble.cluster.shape.HEAD_BYTES_PER_QUEUED_JOB`` carries.
 
-    bash bench/rehearsal.sh [--images 12] [--image-px 2048] [--max-concurrent 8] [--workers 2]
+    bash bench/rehearsal.sh [--images 12] [--image-px 2048] [--max-concurrent 2] [--workers 2]
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def relabel_step(zoo: Zoo, workdir: str, *, tracking_uri: str | None = None, pro
     """
     if not zoo.relabel.rounds:
         return {}, []
-    store = store or CellStore(store_uri(workdir))
+    store = store if store is not None else CellStore(store_uri(workdir))  # a store has a len()
     train = nested_trainer(zoo, store, workdir, tracking_uri=tracking_uri, progress=progress,
                            max_concurrent=max_concurrent)
     rounds = cra_rounds(store, train, rounds=zoo.relabel.rounds, beta=zoo.relabel.beta, folds=folds)
@@ -218,7 +218,7 @@ def integrity_step(zoo: Zoo, workdir: str, spec: EnsembleSpec, oof: OOFSet,
     when already open.
     """
     settings = zoo.integrity
-    store = store or CellStore(store_uri(workdir))
+    store = store if store is not None else CellStore(store_uri(workdir))  # a store has a len()
     # A Ray task with the zoo's placement: a GPU worker on a cluster, not the head's CPU.
     cv, model_uri = fit_integrity(store.uri, join(workdir, "integrity"), settings, zoo.placement)
     fused = spec.nested_predictions if spec.nested_predictions is not None else apply_spec(spec, oof)
