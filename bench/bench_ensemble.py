@@ -19,6 +19,7 @@ bootstrap), per seed and pooled over seeds (the seeds' test images resampled tog
 
     python bench/bench_ensemble.py                         # 3 seeds x 240 images, 200 test images each
     python bench/bench_ensemble.py --stage train           # only train (resumable), e.g. while coding
+    python bench/bench_ensemble.py --stage folds           # scored seeds: each fold network alone and in bags
     python bench/bench_ensemble.py --seeds 0 --images 60 --epochs 1 --test-images 8 --workdir /tmp/ens-smoke
 """
 
@@ -38,7 +39,8 @@ from scipy.stats import spearmanr
 
 from ensemble.data import hpa
 from ensemble.sim.images import simulate
-from ensemble.serving.evaluate import compare_pairs, evaluate
+from ensemble.metrics import CompetitionScores
+from ensemble.serving.evaluate import compare_pairs, evaluate, match_images
 from ensemble.models.inference import predict_cells
 from ensemble.data.store import CellStore
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS, KEYS, align_labels, load_oof_dir, member_columns
@@ -62,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-px", type=int, default=384)
     parser.add_argument("--epochs", type=int, default=None, help="default: the zoo's")
     parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--stage", choices=("train", "all"), default="all")
+    parser.add_argument("--stage", choices=("train", "all", "folds"), default="all",
+                        help="folds: on seeds already scored, what averaging fold networks adds (fold_networks)")
     parser.add_argument("--workdir", default="/tmp/ensemble-bench")
     return parser.parse_args()
 
@@ -196,6 +199,43 @@ def score_seed(args: argparse.Namespace, seed: int) -> dict:
             "nested_cell": {m: s.nested_mean for m, s in spec.metric_scores.get("cell", {}).items()}}
 
 
+def fold_networks(seed: dict) -> pd.DataFrame:
+    """What averaging networks adds on the seed's test images (competition mAP), and where from.
+
+    Per model: each of its fold networks alone and the mean of their predictions (the member as
+    served, a bag of networks trained on different folds); then, per fold, the mean of every
+    model's network of that fold (networks of different architectures trained on the same
+    images), and the mean of every network. The OOF holds one network per cell, so selection sees
+    the first and the third kind of prediction, never the bags it serves.
+    """
+    workdir = Path(seed["path"]).parent
+    index, folds = fold_predictions(load_ensemble(str(workdir / "all_models")), Path(seed["test_root"]))
+    n_folds = len(next(iter(folds.values())))
+    sets = {f"{name}@{k}": parts[k][CELL_COLUMNS].to_numpy() for name, parts in folds.items() for k in range(n_folds)}
+    sets |= {name: np.mean([sets[f"{name}@{k}"] for k in range(n_folds)], axis=0) for name in folds}
+    sets |= {f"fold {k}": np.mean([sets[f"{name}@{k}"] for name in folds], axis=0) for k in range(n_folds)}
+    sets["every network"] = np.mean([sets[name] for name in folds], axis=0)
+    served = pd.read_parquet(seed["path"])
+    table = index.merge(served[[c for c in served.columns if "." not in c]], on=KEYS, how="left")
+    table = pd.concat([table, pd.DataFrame({f"{name}.{c}": values[:, j] for name, values in sets.items()
+                                            for j, c in enumerate(CELL_COLUMNS)})], axis=1)
+    path = workdir / "fold_networks.parquet"
+    table.to_parquet(path)
+    scores = {name: CompetitionScores() for name in sets}
+    for image in match_images(path, hpa.read_truth(seed["test_root"]), [c for n in sets for c in member_columns(n)]):
+        if image is not None:
+            for name, values in zip(sets, np.split(image.scores, len(sets), axis=1), strict=True):
+                scores[name].add(image.overlap, values, image.true_labels)
+    maps = {name: score.result().map for name, score in scores.items()}
+    rows = [{"seed": seed["seed"], "networks": name, "alone": np.mean([maps[f"{name}@{k}"] for k in range(n_folds)]),
+             "min": min(maps[f"{name}@{k}"] for k in range(n_folds)), "max": max(maps[f"{name}@{k}"] for k in range(n_folds)),
+             "averaged": maps[name]} for name in folds]
+    rows.append({"seed": seed["seed"], "networks": "one fold's networks of every model (mean over folds)",
+                 "averaged": np.mean([maps[f"fold {k}"] for k in range(n_folds)])})
+    rows.append({"seed": seed["seed"], "networks": "every network", "averaged": maps["every network"]})
+    return pd.DataFrame(rows).assign(gain=lambda t: t["averaged"] - t["alone"])
+
+
 def comparisons(seeds: list[dict]) -> pd.DataFrame:
     """Per seed and pooled over seeds: the ensemble minus the OOF-best member and minus the best
     member in hindsight, greedy and the mean of all minus the OOF-best, and the two ways of
@@ -214,6 +254,12 @@ def comparisons(seeds: list[dict]) -> pd.DataFrame:
 
 def main() -> None:
     args = parse_args()
+    if args.stage == "folds":
+        seeds = json.loads((Path(args.workdir) / "seeds.json").read_text())
+        table = pd.concat([fold_networks(seed) for seed in seeds if seed["seed"] in args.seeds], ignore_index=True)
+        table.to_csv(Path(args.workdir) / "fold_networks.csv", index=False)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        return
     results = []
     for seed in args.seeds:
         start = time.perf_counter()

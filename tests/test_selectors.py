@@ -33,7 +33,7 @@ from ensemble.selectors import (
     select_ensemble,
 )
 from ensemble.oof import CELL_COLUMNS, align_labels
-from ensemble.selectors.fusion import aggregate
+from ensemble.selectors.fusion import aggregate, stream_correlation
 
 FAST_GREEDY = GreedyParams(n_bags=3, max_size=10)
 OVER_LABELLED = (11, 12, 15)
@@ -294,8 +294,8 @@ def test_each_fitted_step_of_a_nested_refit_sees_only_its_training_folds(synthet
 
     fits, fit = {}, select._fit
 
-    def recording_fit(oof, targets, objective, moments, fold_maps, rows, exclude_fold, *args):
-        fits[exclude_fold] = fit(oof, targets, objective, moments, fold_maps, rows, exclude_fold, *args)
+    def recording_fit(oof, moments, fold_maps, exclude_fold, *args):
+        fits[exclude_fold] = fit(oof, moments, fold_maps, exclude_fold, *args)
         return fits[exclude_fold]
 
     monkeypatch.setattr(select, "_fit", recording_fit)
@@ -622,6 +622,28 @@ def test_paper_fusion_correlates_over_the_images_that_carry_the_class(synthetic)
             assert rule.correlation == rule.correlation_labelled == pytest.approx(expected, abs=1e-6)
         assert rule.correlation_all == pytest.approx(np.corrcoef(image[k], cell[k])[0, 1], abs=1e-6)
         assert rule.rule == ("product" if rule.correlation > spec.rho_th else "cell")
+
+
+def test_stream_correlation_adds_up_over_folds():
+    """A refit reads the correlation of the folds it sees from per-fold sums: it equals numpy's
+    over those folds' cells, within the cells given per class; a constant stream correlates 0."""
+    from ensemble.selectors.fusion import StreamMoments
+
+    rng = np.random.default_rng(0)
+    image, cell = rng.random((3, 90)).astype(np.float32), rng.random((3, 90)).astype(np.float32)
+    cell[1] += 0.5 * image[1]
+    image[2] = 0.25
+    within = rng.random((3, 90)) < 0.6
+    folds = [slice(0, 30), slice(30, 60), slice(60, 90)]
+    moments = StreamMoments.of(image, cell, folds, within)
+    seen = np.r_[0:30, 60:90]
+    for k in range(2):
+        rows = seen[within[k, seen]]
+        expected = np.corrcoef(image[k, rows], cell[k, rows])[0, 1]
+        assert moments.correlation(np.array([True, False, True]))[k] == pytest.approx(expected, abs=1e-12)
+    assert moments.correlation(np.array([True, True, True]))[2] == 0.0
+    np.testing.assert_allclose(stream_correlation(image, cell)[:2],
+                               [np.corrcoef(image[k], cell[k])[0, 1] for k in range(2)], atol=1e-12)
 
 
 def test_the_competition_objective_ranks_a_class_only_within_the_images_that_carry_it():

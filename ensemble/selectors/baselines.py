@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from joblib import Parallel, delayed
 
 from ensemble.selectors.scoring import Objective
 
@@ -96,7 +97,7 @@ def greedy_selection(
     params : GreedyParams, optional
         Defaults to ``GreedyParams()``.
     n_jobs : int, optional
-        Threads to score candidates with.
+        Threads to climb the bags on (each bag's climb is the same on any number of threads).
 
     Returns
     -------
@@ -111,9 +112,9 @@ def greedy_selection(
     predictions = np.stack([objective.ranked_values(p) for p in predictions])
     single = objective.map_many(predictions, n_jobs)
     bag_size = max(1, round(params.bag_fraction * len(models)))
-    counts, history = [], []
-    for _ in range(params.n_bags):
-        bag = np.sort(rng.choice(len(models), size=bag_size, replace=False))
+    bags = [np.sort(rng.choice(len(models), size=bag_size, replace=False)) for _ in range(params.n_bags)]
+
+    def climb(bag: np.ndarray) -> tuple[np.ndarray, list[float]]:
         count = np.zeros(len(models), dtype=np.int64)
         start = bag[np.argsort(-single[bag], kind="stable")[: params.n_init]]
         count[start] += 1
@@ -122,19 +123,22 @@ def greedy_selection(
         running = predictions[start].sum(axis=0, dtype=np.float32)
         scores = [objective.map(running)]
         while count.sum() < params.max_size:
-            gains = objective.map_many((running + predictions[j] for j in bag), n_jobs)
+            gains = [objective.map(running + predictions[j]) for j in bag]
             best = int(np.argmax(gains))
             if gains[best] <= scores[-1]:
                 break
             count[bag[best]] += 1
             running += predictions[bag[best]]
             scores.append(float(gains[best]))
-        counts.append(count)
-        history.append(scores)
+        return count, scores
+
+    # Bags, not a step's candidates, go to the threads: a candidate is a few milliseconds of
+    # sorting, too little to hand to a thread one at a time.
+    counts, history = zip(*Parallel(n_jobs=n_jobs, prefer="threads")(delayed(climb)(bag) for bag in bags), strict=True)
     shares = np.mean([c / c.sum() for c in counts], axis=0)
     return GreedyResult(
         weights={m: float(w) for m, w in zip(models, shares, strict=True) if w > 0},
         bags=[{m: int(c) for m, c in zip(models, count, strict=True) if c > 0} for count in counts],
-        history=history,
+        history=list(history),
         sample_rows=int(objective.truth.shape[1]),
     )

@@ -78,6 +78,48 @@ def aggregate(
     return sum(means[1:], means[0]) / np.float32(len(means))
 
 
+@dataclass(frozen=True)
+class StreamMoments:
+    """Per fold and class, the sums over cells that a Pearson correlation of two streams needs.
+
+    Each attribute is (n_folds, n_classes) float64: the cells counted, the sums of ``x``
+    (image stream), ``y`` (cell stream), their squares and their product.
+    """
+
+    n: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    xx: np.ndarray
+    yy: np.ndarray
+    xy: np.ndarray
+
+    @classmethod
+    def of(cls, image: np.ndarray, cell: np.ndarray, fold_rows: Sequence[slice | np.ndarray],
+           within: np.ndarray | None = None) -> StreamMoments:
+        """Sums of ``image`` and ``cell`` (n_classes, n_cells) over each fold's rows (and, per
+        class, only the cells where ``within`` is True)."""
+        sums = []
+        for rows in fold_rows:
+            x, y = image[:, rows].astype(np.float64), cell[:, rows].astype(np.float64)
+            if within is None:
+                n = np.full(x.shape[0], float(x.shape[1]))
+            else:
+                w = within[:, rows]
+                x, y, n = x * w, y * w, w.sum(axis=1, dtype=np.float64)
+            sums.append([n, x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)])
+        return cls(*(np.array(column) for column in zip(*sums, strict=True)))
+
+    def correlation(self, kept: np.ndarray) -> np.ndarray:
+        """Per class, the Pearson correlation over the cells of the ``kept`` folds (bool mask);
+        0 where either stream is constant or fewer than two cells count."""
+        n, x, y, xx, yy, xy = (a[kept].sum(axis=0) for a in (self.n, self.x, self.y, self.xx, self.yy, self.xy))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cov, var_x, var_y = xy - x * y / n, xx - x * x / n, yy - y * y / n
+            # A constant stream's variance comes out of the sums as rounding noise, not 0.
+            constant = (var_x <= 1e-12 * xx) | (var_y <= 1e-12 * yy)
+            return np.where((n >= 2) & ~constant, cov / np.sqrt(var_x * var_y), 0.0)
+
+
 def stream_correlation(image: np.ndarray, cell: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
     """Pearson correlation per class between image-stream and cell-stream predictions.
 
@@ -94,15 +136,7 @@ def stream_correlation(image: np.ndarray, cell: np.ndarray, within: np.ndarray |
     ndarray, shape (n_classes,)
         0 for a class where either stream is constant (or fewer than two cells are kept).
     """
-    out = np.zeros(image.shape[0])
-    for k in range(image.shape[0]):
-        x, y = (image[k], cell[k]) if within is None else (image[k][within[k]], cell[k][within[k]])
-        if x.size < 2:
-            continue
-        x, y = x - x.mean(dtype=np.float64), y - y.mean(dtype=np.float64)
-        denom = np.sqrt(np.dot(x, x) * np.dot(y, y))
-        out[k] = np.dot(x, y) / denom if denom > 0 else 0.0
-    return out
+    return StreamMoments.of(image, cell, [slice(None)], within).correlation(np.array([True]))
 
 
 def decide_fusion(

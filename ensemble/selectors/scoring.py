@@ -99,15 +99,19 @@ class _Ranking:
         return (np.flatnonzero(is_positive).astype(np.int32), np.repeat(classes, self.n_positive),
                 np.flatnonzero(~is_positive).astype(np.int32), np.repeat(classes, n_negative))
 
+    @cached_property
+    def gather(self) -> np.ndarray:
+        """Where each ranked value lies in a flattened (n_classes, n_cells) score. Built on first
+        use: greedy gathers many small scores' values; a million-cell score is scored class by
+        class instead, and would need this at 8 bytes a value."""
+        cells = np.arange(self.shape[1])
+        return np.concatenate([k * self.shape[1] + cells[side[k]] for k in range(self.shape[0])
+                               for side in (self.positive, self.negative)] or [np.zeros(0, np.intp)])
+
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         """Per class, the scores of its positives, then of its negatives, class after class: 1-D."""
         self._check(score, self.shape)
-        values = np.empty(self.offsets[-1], dtype=score.dtype)
-        for k in range(self.shape[0]):
-            middle = self.offsets[k] + self.n_positive[k]
-            values[self.offsets[k] : middle] = score[k][self.positive[k]]
-            values[middle : self.offsets[k + 1]] = score[k][self.negative[k]]
-        return values
+        return np.ascontiguousarray(score).reshape(-1)[self.gather]
 
     def per_class(self, score: np.ndarray) -> np.ndarray:
         """AP per class of ``score`` (n_classes, n_cells), or of its :meth:`ranked_values` (1-D)."""

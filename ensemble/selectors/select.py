@@ -26,15 +26,16 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
+from ensemble.selectors.candidates import CandidateScores
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import (FUSION_MODES, aggregate, apply_spec, decide_fusion, image_weights,
-                                       predict_rows, stream_correlation)
+from ensemble.selectors.fusion import FUSION_MODES, aggregate, apply_spec, decide_fusion, image_weights, predict_rows
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import OBJECTIVES, Objective, _nanmean, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
@@ -178,16 +179,18 @@ class HCPLSelector(BaseEstimator):
         logger.info("scoring %d models", len(oof.models))
         fold_maps = dict(zip(oof.models, chosen.map_many((oof.cell[m] for m in oof.models), self.n_jobs, by_fold=True),
                              strict=True))
-        spec = _fit(oof, targets, chosen, moments, fold_maps, everything, None, self, self.n_jobs)
+        candidates = _candidates(oof, targets, chosen, self)
+        spec = _fit(oof, moments, fold_maps, None, self, candidates)
         baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, self.n_jobs)
         predictions = {"hcpl": predict_rows(spec, oof, everything),
                        "hcpl_unfused": predict_rows(spec, oof, everything, fused=False)}
         predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
         held_out = None
         if self.nested:
-            held_out = _nested_predictions(oof, targets, chosen, moments, fold_maps, self, greedy_params,
+            held_out = _nested_predictions(oof, targets, chosen, moments, fold_maps, self, candidates, greedy_params,
                                            list(predictions), self.n_jobs)
-        metric_scores = {name: _method_scores(metric, predictions, held_out, folds) for name, metric in metrics.items()}
+        metric_scores = {name: _method_scores(metric, predictions, held_out, self.n_jobs)
+                         for name, metric in metrics.items()}
         self.spec_ = replace(
             spec,
             objective=self.objective_,
@@ -237,34 +240,29 @@ def _objectives(targets: Targets, image_ids: np.ndarray, folds: np.ndarray) -> d
 
 def _fit(
     oof: OOFSet,
-    targets: Targets,
-    objective: Objective,
     moments: PredictionMoments,
     fold_maps: Mapping[str, np.ndarray],
-    rows: slice | np.ndarray,
     exclude_fold: int | None,
     settings: HCPLSelector,
-    n_jobs: int | None,
+    candidates: CandidateScores,
 ) -> EnsembleSpec:
-    """The whole recipe on ``rows`` (all folds but ``exclude_fold``); ``fold_maps`` holds each
-    model's score in each fold of the OOF, in the order of the folds' ids."""
+    """The whole recipe on all folds but ``exclude_fold`` (None: on all); ``fold_maps`` holds each
+    model's score in each fold of the OOF, in the order of the folds' ids, and ``candidates`` the
+    per-fold evidence on candidate ensembles, of which the fit reads only its own folds."""
     corr = moments.correlation(exclude_fold=exclude_fold, kind=settings.correlation)
     kind_of = None
     if settings.blocks_by_kind:  # the kinds are the hierarchical aggregation's groups
         kind_of = {m: kind for kind, models in _groups(oof.models, oof, "hierarchical").items() for m in models}
     blocks = find_blocks(corr, settings.threshold, kind_of)
-    objective = objective.on(rows)
-    truth = objective.truth
-    kept = np.unique(oof.index["fold"].to_numpy()) != exclude_fold
+    kept = candidates.kept(exclude_fold)
     model_map = {m: float(np.nanmean(fold_maps[m][kept])) for m in oof.models}
     members = choose_members(blocks, model_map)
     pruned: dict[str, str] = {}
     if settings.prune:
-        members, pruned = _prune(members, model_map, oof, objective, rows, settings)
+        members, pruned = _prune(members, model_map, candidates, exclude_fold)
     chosen = list(members.values())
     weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in chosen}
     groups = _groups(chosen, oof, settings.aggregation)
-    cell = aggregate({m: oof.cell[m][:, rows] for m in chosen}, groups, weights)
 
     image_models: list[str] = []
     correlation = ap_product = ap_cell = fold_gain = None
@@ -272,22 +270,15 @@ def _fit(
         image_models = list(settings.image_models or [m for m in chosen if m in oof.image])
         if not image_models:  # no member has an image stream: borrow the best model that has one
             image_models = [max(oof.image, key=model_map.get)]
-        image = aggregate(
-            {m: oof.image[m][:, rows] for m in image_models},
-            {"image": image_models},
-            image_weights(settings.weights or {}, image_models),
-        )
-        statistics = {"all": stream_correlation(image, cell),
-                      "labelled": stream_correlation(image, cell, within=carried_by_image(
-                          truth, oof.index["image_id"].to_numpy()[rows]))}
+        evidence = candidates.fusion(chosen, image_models)
+        statistics = {"all": evidence.moments_all.correlation(kept),
+                      "labelled": evidence.moments_labelled.correlation(kept)}
         correlation = statistics["labelled" if settings.fusion == "paper" else "all"]
-        scored = targets.cell_level[rows]
-        if scored.any():
-            on_scored = objective.on(scored)
-            product_ap = on_scored.per_fold_and_class((cell * image)[:, scored])
-            cell_ap = on_scored.per_fold_and_class(cell[:, scored])
+        seen = candidates.kept(exclude_fold, evidence.fold_ids)
+        if seen.any():
+            product_ap, cell_ap = evidence.ap_product[seen], evidence.ap_cell[seen]
             ap_product, ap_cell = _nanmean(product_ap, axis=0), _nanmean(cell_ap, axis=0)
-            fold_gain = dict(zip(np.unique(on_scored.folds).tolist(), product_ap - cell_ap, strict=True))
+            fold_gain = dict(zip(evidence.fold_ids[seen].tolist(), product_ap - cell_ap, strict=True))
         elif settings.fusion == "fit":
             raise ValueError(f"fusion='fit' found no cell-level truth outside fold {exclude_fold} to fit on")
     rules, rho_th = decide_fusion(
@@ -334,16 +325,32 @@ def _groups(members: Sequence[str], oof: OOFSet, aggregation: str) -> dict[str, 
     return {g: ms for g, ms in groups.items() if ms}
 
 
+def _candidates(oof: OOFSet, targets: Targets, objective: Objective, settings: HCPLSelector) -> CandidateScores:
+    """Per-fold evidence on the candidate ensembles that pruning and fusion try, on all rows,
+    aggregated as ``settings`` say."""
+    everything = slice(0, oof.n_cells)
+
+    def cell_stream(members: tuple[str, ...]) -> np.ndarray:
+        weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in members}
+        return aggregate({m: oof.cell[m] for m in members}, _groups(members, oof, settings.aggregation), weights)
+
+    def image_stream(models: tuple[str, ...]) -> np.ndarray:
+        return aggregate({m: oof.image[m] for m in models}, {"image": list(models)},
+                         image_weights(settings.weights or {}, models))
+
+    carried = carried_by_image(targets.truth, oof.index["image_id"].to_numpy())
+    return CandidateScores(objective.on(everything), oof.fold_slices(), cell_stream, image_stream,
+                           targets.cell_level, carried)
+
+
 def _prune(
     members: Mapping[str, str],
     model_map: Mapping[str, float],
-    oof: OOFSet,
-    objective: Objective,
-    rows: slice | np.ndarray,
-    settings: HCPLSelector,
+    candidates: CandidateScores,
+    exclude_fold: int | None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Leave a block's member out only if adding it lowers the aggregated cell stream's score in
-    every fold of ``rows`` (``objective``, already restricted to them).
+    every fold the fit sees (all but ``exclude_fold``).
 
     The bar is consistent harm, not "no gain": the first member is the best of several models on
     these rows, so its score is biased upwards, and a member that adds as much as it costs here
@@ -357,12 +364,9 @@ def _prune(
     """
     order = sorted(members, key=lambda b: -model_map[members[b]])
     kept, pruned = {order[0]: members[order[0]]}, {}
-    current = objective.fold_maps(oof.cell[members[order[0]]][:, rows])
+    current = candidates.fold_maps([members[order[0]]], exclude_fold)
     for block in order[1:]:
-        trial = [*kept.values(), members[block]]
-        weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in trial}
-        cell = aggregate({m: oof.cell[m][:, rows] for m in trial}, _groups(trial, oof, settings.aggregation), weights)
-        scores = objective.fold_maps(cell)
+        scores = candidates.fold_maps([*kept.values(), members[block]], exclude_fold)
         if (scores < current).all():
             pruned[block] = (f"adding {members[block]} lowers the score in every fold: "
                              + ", ".join(f"{old:.4f} -> {new:.4f}" for old, new in zip(current, scores, strict=True)))
@@ -408,6 +412,7 @@ def _nested_predictions(
     moments: PredictionMoments,
     fold_maps: Mapping[str, np.ndarray],
     settings: HCPLSelector,
+    candidates: CandidateScores,
     greedy_params: GreedyParams | None,
     methods: list[str],
     n_jobs: int | None,
@@ -418,7 +423,7 @@ def _nested_predictions(
     for fold, rows in oof.fold_slices().items():
         logger.info("nested selection: refitting without fold %d", fold)
         train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
-        spec = _fit(oof, targets, objective, moments, fold_maps, train, fold, settings, n_jobs)
+        spec = _fit(oof, moments, fold_maps, fold, settings, candidates)
         baselines, _ = _fit_baselines(oof, objective, spec, train, greedy_params, n_jobs)
         held_out["hcpl"][:, rows] = predict_rows(spec, oof, rows)
         held_out["hcpl_unfused"][:, rows] = predict_rows(spec, oof, rows, fused=False)
@@ -428,31 +433,32 @@ def _nested_predictions(
 
 
 def _method_scores(metric: Objective, predictions: Mapping[str, np.ndarray],
-                   held_out: Mapping[str, np.ndarray] | None, folds: Mapping[int, slice]) -> dict[str, MethodScore]:
-    """Each method's in-sample and (with ``held_out``) nested scores under ``metric``.
+                   held_out: Mapping[str, np.ndarray] | None, n_jobs: int | None) -> dict[str, MethodScore]:
+    """Each method's in-sample and (with ``held_out``) nested scores under ``metric`` (ranked
+    within each fold), on threads.
 
     Fold-wise means are the honest figures. Pooling the folds' predictions into one ranking also
     measures whether their scales agree, which fused predictions need not: a class fused in one
     refit and not in another mixes products with plain probabilities.
     """
-    out, pooled = {}, metric.pooled()
-    with warnings.catch_warnings():  # a class without positives in a fold is NaN there
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for method, score in predictions.items():
-            in_sample_mean = float(np.nanmean([metric.on(rows).map(score[:, rows]) for rows in folds.values()]))
-            nested = {}
-            if held_out is not None:
-                fold_ap = {fold: metric.on(rows).per_class(held_out[method][:, rows]) for fold, rows in folds.items()}
-                by_fold = {fold: float(np.nanmean(ap)) for fold, ap in fold_ap.items()}
-                per_class = np.nanmean(np.stack(list(fold_ap.values())), axis=0)
-                nested = {
-                    "nested_folds": by_fold,
-                    "nested_mean": float(np.nanmean(list(by_fold.values()))),
-                    "nested_pooled": pooled.map(held_out[method]),
-                    "nested_per_class": {name: float(v) for name, v in zip(CLASS_NAMES, per_class, strict=True)},
-                }
-            out[method] = MethodScore(in_sample=pooled.map(score), in_sample_mean=in_sample_mean, **nested)
-    return out
+    pooled, fold_ids = metric.pooled(), np.unique(metric.folds).tolist()
+
+    def score(method: str) -> MethodScore:
+        nested = {}
+        if held_out is not None:
+            fold_ap = metric.per_fold_and_class(held_out[method])
+            by_fold = _nanmean(fold_ap, axis=1)
+            nested = {
+                "nested_folds": dict(zip(fold_ids, map(float, by_fold), strict=True)),
+                "nested_mean": float(_nanmean(by_fold)),
+                "nested_pooled": pooled.map(held_out[method]),
+                "nested_per_class": dict(zip(CLASS_NAMES, map(float, _nanmean(fold_ap, axis=0)), strict=True)),
+            }
+        return MethodScore(in_sample=pooled.map(predictions[method]), in_sample_mean=metric.map(predictions[method]),
+                           **nested)
+
+    return dict(zip(predictions, Parallel(n_jobs=n_jobs, prefer="threads")(delayed(score)(m) for m in predictions),
+                    strict=True))
 
 
 def _check_settings(settings: HCPLSelector, oof: OOFSet, targets: Targets) -> None:
