@@ -156,9 +156,18 @@ class _FoldRanking:
             parts.append((positive_at + at, positive_class + first, negative_at + at, negative_class + first))
         return tuple(np.concatenate(arrays).astype(np.int32) for arrays in zip(*parts, strict=True))
 
+    @cached_property
+    def gather(self) -> np.ndarray:
+        """:attr:`_Ranking.gather` of every fold, fold after fold, into the flattened whole score."""
+        parts = []
+        for rows, ranking in self.parts:
+            classes, cells = np.divmod(ranking.gather, rows.size)
+            parts.append(classes * self.shape[1] + rows[cells])
+        return np.concatenate(parts)
+
     def ranked_values(self, score: np.ndarray) -> np.ndarray:
         _Ranking._check(score, self.shape)
-        return np.concatenate([ranking.ranked_values(score[:, rows]) for rows, ranking in self.parts])
+        return np.ascontiguousarray(score).reshape(-1)[self.gather]
 
     def per_fold(self, score: np.ndarray) -> np.ndarray:
         """(n_folds, n_classes) AP of ``score`` (n_classes, n_cells), or of its ranked values."""
