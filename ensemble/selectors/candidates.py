@@ -61,6 +61,7 @@ class CandidateScores:
         self.cell_stream, self.image_stream = cell_stream, image_stream
         self.scored, self.carried = scored, carried
         self.scored_folds = np.unique(objective.folds[scored])
+        self.on_scored = objective.on(scored)  # its ranking is built once, for every candidate
         self._cell_ap: dict[tuple[str, ...], np.ndarray] = {}
         self._fusion: dict[tuple[tuple[str, ...], tuple[str, ...]], FusionEvidence] = {}
 
@@ -81,10 +82,9 @@ class CandidateScores:
         key = (tuple(sorted(members)), tuple(sorted(image_models)))
         if key not in self._fusion:
             cell, image = self.cell_stream(key[0]), self.image_stream(key[1])
-            on_scored = self.objective.on(self.scored)
             if self.scored.any():
-                ap_product = on_scored.per_fold_and_class((cell * image)[:, self.scored])
-                ap_cell = on_scored.per_fold_and_class(cell[:, self.scored])
+                ap_product = self.on_scored.per_fold_and_class((cell * image)[:, self.scored])
+                ap_cell = self.on_scored.per_fold_and_class(cell[:, self.scored])
             else:
                 ap_product = ap_cell = np.zeros((0, cell.shape[0]))
             self._fusion[key] = FusionEvidence(

@@ -296,13 +296,14 @@ def predict_rows(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fuse
         image = aggregate(
             {m: oof.image[m][:, rows] for m in spec.image_models},
             {"image": spec.image_models},
-            image_weights(spec.weights, spec.image_models),
+            member_weights(spec.weights, spec.image_models),
         )
     return fuse(cell, image, spec.fusion)
 
 
-def image_weights(weights: Mapping[str, float], image_models: Sequence[str]) -> dict[str, float]:
-    return {m: float(weights.get(m, 1.0)) for m in image_models}
+def member_weights(weights: Mapping[str, float] | None, members: Sequence[str]) -> dict[str, float]:
+    """Each member's weight: as given, or 1."""
+    return {m: float((weights or {}).get(m, 1.0)) for m in members}
 
 
 def uses_image_stream(spec: EnsembleSpec) -> bool:

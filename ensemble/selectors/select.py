@@ -35,7 +35,7 @@ from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_sele
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.candidates import CandidateScores
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import FUSION_MODES, aggregate, apply_spec, decide_fusion, image_weights, predict_rows
+from ensemble.selectors.fusion import FUSION_MODES, aggregate, apply_spec, decide_fusion, member_weights, predict_rows
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import OBJECTIVES, Objective, _nanmean, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
@@ -261,7 +261,7 @@ def _fit(
     if settings.prune:
         members, pruned = _prune(members, model_map, candidates, exclude_fold)
     chosen = list(members.values())
-    weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in chosen}
+    weights = member_weights(settings.weights, chosen)
     groups = _groups(chosen, oof, settings.aggregation)
 
     image_models: list[str] = []
@@ -331,12 +331,12 @@ def _candidates(oof: OOFSet, targets: Targets, objective: Objective, settings: H
     everything = slice(0, oof.n_cells)
 
     def cell_stream(members: tuple[str, ...]) -> np.ndarray:
-        weights = {m: float((settings.weights or {}).get(m, 1.0)) for m in members}
-        return aggregate({m: oof.cell[m] for m in members}, _groups(members, oof, settings.aggregation), weights)
+        return aggregate({m: oof.cell[m] for m in members}, _groups(members, oof, settings.aggregation),
+                         member_weights(settings.weights, members))
 
     def image_stream(models: tuple[str, ...]) -> np.ndarray:
         return aggregate({m: oof.image[m] for m in models}, {"image": list(models)},
-                         image_weights(settings.weights or {}, models))
+                         member_weights(settings.weights, models))
 
     carried = carried_by_image(targets.truth, oof.index["image_id"].to_numpy())
     return CandidateScores(objective.on(everything), oof.fold_slices(), cell_stream, image_stream,
