@@ -4,7 +4,7 @@
 # head and worker nodes on 127.0.0.1, a real `mlflow server`, then `mlflow models serve` of the
 # champion answering a 2048 px image. Needs the project's environment (`make install`).
 #
-#   bash bench/rehearsal.sh [--images 12] [--image-px 2048] [--max-concurrent 8] [--keep]
+#   bash bench/rehearsal.sh [--images 12] [--image-px 2048] [--workers 2] [--models NAME ...] [--keep]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
