@@ -28,10 +28,11 @@ if TYPE_CHECKING:
     from ensemble.zoo import ModelSpec, Zoo
 
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
-HEAD_BYTES_PER_QUEUED_JOB = 1.4 * 2**30
+HEAD_BYTES_PER_QUEUED_JOB = 1.55 * 2**30
 """Memory each job handed to Ray holds on the driver's node until it ends, started or waiting:
 its task (a process that imports torch), its Ray Train controller and a placement-group cleaner,
-1.4 GiB (PSS) as bench/rehearsal.sh measures it (BENCHMARKS.md, "The user's run, rehearsed")."""
+1.54 GiB (PSS; median of bench/rehearsal.sh's samples, 90th percentile 1.58) as measured in
+BENCHMARKS.md, "The user's run, rehearsed"."""
 QUEUE_MEMORY_SHARE = 0.5
 """Of the driver node's available memory, the share queued jobs may hold; the rest is Ray's own
 services, the MLflow server of cluster.yaml and the driver's OOF tables."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 
 from ensemble.labels import CLASS_NAMES
 from ensemble.oof import OOFSet
@@ -83,34 +84,37 @@ class PredictionMoments:
         return pd.DataFrame(values, index=self.models, columns=self.models)
 
 
-def prediction_moments(oof: OOFSet, *, chunk_rows: int = 8192) -> PredictionMoments:
-    """One streaming pass over the cell predictions of ``oof``.
+def prediction_moments(oof: OOFSet, *, chunk_rows: int = 8192, n_jobs: int | None = None) -> PredictionMoments:
+    """One streaming pass over the cell predictions of ``oof``, its folds on ``n_jobs`` threads.
 
-    Peak extra memory is one float64 chunk of ``n_models x n_classes x chunk_rows`` (about 60 MB
-    for 50 models at the default), whatever the number of cells.
+    Peak extra memory is one float64 chunk of ``n_models x n_classes x chunk_rows`` per thread
+    (about 60 MB for 50 models at the default), whatever the number of cells.
     """
     models = oof.models
     groups = oof.fold_slices() or {-1: slice(0, oof.n_cells)}
     n_classes = next(iter(oof.cell.values())).shape[0]
-    count = np.zeros(len(groups), dtype=np.int64)
-    sums = np.zeros((len(groups), n_classes, len(models)))
-    gram = np.zeros((len(groups), n_classes, len(models), len(models)))
     # Raw moments lose precision to cancellation when means are large next to the spread;
     # shifting each model by a rough mean (from the first rows) keeps them well conditioned.
     head = slice(0, min(chunk_rows, oof.n_cells))
     shift = np.array([oof.cell[m][:, head].mean(dtype=np.float64) for m in models])
-    buffer = np.empty((n_classes, len(models), chunk_rows))
-    for g, rows in enumerate(groups.values()):
-        count[g] = rows.stop - rows.start
+
+    def fold_sums(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        sums, gram = np.zeros((n_classes, len(models))), np.zeros((n_classes, len(models), len(models)))
+        buffer = np.empty((n_classes, len(models), chunk_rows))
         for start in range(rows.start, rows.stop, chunk_rows):
             stop = min(start + chunk_rows, rows.stop)
             x = buffer[:, :, : stop - start]
             for i, m in enumerate(models):
                 x[:, i] = oof.cell[m][:, start:stop]
             x -= shift[:, None]
-            sums[g] += x.sum(axis=2)
-            gram[g] += x @ x.transpose(0, 2, 1)
-    return PredictionMoments(models=models, folds=list(groups), count=count, sums=sums, gram=gram)
+            sums += x.sum(axis=2)
+            gram += x @ x.transpose(0, 2, 1)
+        return sums, gram
+
+    sums, gram = zip(*Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fold_sums)(rows) for rows in groups.values()),
+                     strict=True)
+    count = np.array([rows.stop - rows.start for rows in groups.values()], dtype=np.int64)
+    return PredictionMoments(models=models, folds=list(groups), count=count, sums=np.stack(sums), gram=np.stack(gram))
 
 
 def correlation_matrix(

@@ -105,7 +105,7 @@ class StreamMoments:
                 n = np.full(x.shape[0], float(x.shape[1]))
             else:
                 w = within[:, rows]
-                x, y, n = x * w, y * w, w.sum(axis=1, dtype=np.float64)
+                x, y, n = np.multiply(x, w, out=x), np.multiply(y, w, out=y), w.sum(axis=1, dtype=np.float64)
             sums.append([n, x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)])
         return cls(*(np.array(column) for column in zip(*sums, strict=True)))
 

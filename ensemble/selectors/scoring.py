@@ -87,17 +87,21 @@ class _Ranking:
         self.n_positive = self.positive.sum(axis=1)
         self.offsets = np.r_[0, np.cumsum(self.n_positive + self.negative.sum(axis=1))]
 
-    @cached_property
-    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Where the positives and the negatives lie among the ranked values, and their classes:
-        ``(positive_at, positive_class, negative_at, negative_class)``, int32. Built on first use:
-        only a one-pass score needs them, and on a million cells they would hold hundreds of MB."""
+        ``(positive_at, positive_class, negative_at, negative_class)``, int32."""
         n_negative = np.diff(self.offsets) - self.n_positive
         classes = np.arange(self.shape[0], dtype=np.int32)
         is_positive = np.concatenate([np.r_[np.ones(p, bool), np.zeros(n, bool)]
                                       for p, n in zip(self.n_positive, n_negative, strict=True)] or [np.zeros(0, bool)])
         return (np.flatnonzero(is_positive).astype(np.int32), np.repeat(classes, self.n_positive),
                 np.flatnonzero(~is_positive).astype(np.int32), np.repeat(classes, n_negative))
+
+    @cached_property
+    def segments(self) -> _Segments:
+        """:meth:`layout` as a one-pass score reads it. Built on first use: only a one-pass score
+        needs it, and on a million cells it would hold hundreds of MB."""
+        return _Segments.build(*self.layout(), self.shape[0])
 
     @cached_property
     def gather(self) -> np.ndarray:
@@ -123,8 +127,7 @@ class _Ranking:
         if score.ndim != 1:
             score = self.ranked_values(score)
         self._check(score, (self.offsets[-1],))
-        positive_at, positive_class, negative_at, negative_class = self.segments
-        return _segment_ap(score[positive_at], score[negative_at], positive_class, negative_class, self.shape[0])
+        return _segment_ap(score[self.segments.positive_at], score[self.segments.negative_at], self.segments)
 
     @staticmethod
     def _check(score: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -146,15 +149,16 @@ class _FoldRanking:
         self.offsets = np.r_[0, np.cumsum([ranking.offsets[-1] for _, ranking in self.parts])]
 
     @cached_property
-    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def segments(self) -> _Segments:
         """:attr:`_Ranking.segments` of every fold, fold after fold; a value's "class" is its
         (fold, class) pair, ``fold * n_classes + class``."""
         parts = []
         for fold, ((_, ranking), at) in enumerate(zip(self.parts, self.offsets[:-1], strict=True)):
-            positive_at, positive_class, negative_at, negative_class = ranking.segments
+            positive_at, positive_class, negative_at, negative_class = ranking.layout()
             first = fold * self.shape[0]  # the fold's first (fold, class) pair
             parts.append((positive_at + at, positive_class + first, negative_at + at, negative_class + first))
-        return tuple(np.concatenate(arrays).astype(np.int32) for arrays in zip(*parts, strict=True))
+        layout = (np.concatenate(arrays).astype(np.int32) for arrays in zip(*parts, strict=True))
+        return _Segments.build(*layout, len(self.parts) * self.shape[0])
 
     @cached_property
     def gather(self) -> np.ndarray:
@@ -177,56 +181,94 @@ class _FoldRanking:
         if score.ndim != 1:
             score = self.ranked_values(score)
         _Ranking._check(score, (self.offsets[-1],))
-        positive_at, positive_class, negative_at, negative_class = self.segments
-        ap = _segment_ap(score[positive_at], score[negative_at], positive_class, negative_class,
-                         len(self.parts) * self.shape[0])
+        ap = _segment_ap(score[self.segments.positive_at], score[self.segments.negative_at], self.segments)
         return ap.reshape(len(self.parts), self.shape[0])
 
 
-def _segment_ap(positive_scores: np.ndarray, negative_scores: np.ndarray, positive_class: np.ndarray | None = None,
-                negative_class: np.ndarray | None = None, n_classes: int = 1) -> np.ndarray:
+@dataclass(frozen=True)
+class _Segments:
+    """What a one-pass AP reads of a ranking, apart from the score: where each class's positives
+    and negatives lie among the ranked values, the class of each (for the positives also as the
+    high half of their sort keys) and how many positives and negatives each class has.
+
+    Built once per ranking: greedy scores thousands of candidates on the same rows.
+    """
+
+    positive_at: np.ndarray
+    negative_at: np.ndarray
+    positive_class: np.ndarray
+    positive_high: np.ndarray  # uint64, class << 32
+    negative_high: np.ndarray
+    n_positive: np.ndarray
+    n_negative: np.ndarray
+
+    @classmethod
+    def build(cls, positive_at: np.ndarray, positive_class: np.ndarray, negative_at: np.ndarray,
+              negative_class: np.ndarray, n_classes: int) -> _Segments:
+        high = np.uint64(32)
+        return cls(positive_at, negative_at, positive_class, positive_class.astype(np.uint64) << high,
+                   negative_class.astype(np.uint64) << high, np.bincount(positive_class, minlength=n_classes),
+                   np.bincount(negative_class, minlength=n_classes))
+
+
+def _segment_ap(positive_scores: np.ndarray, negative_scores: np.ndarray,
+                segments: _Segments | None = None) -> np.ndarray:
     """AP of every class at once from its positives' and negatives' scores (NaN without positives).
 
-    ``positive_class`` and ``negative_class`` give each score's class, in non-decreasing order
-    (None: one class). Scores are packed with their class into keys that sort class by class,
-    then by score (ties kept), so one sort of the positives and one of the negatives, and one
-    binary search, give for each positive the positives and the negatives of its class that
-    score at least as high.
+    ``segments`` gives each score's class (None: one class). Scores are packed with their class
+    into keys that sort class by class, then by score (ties kept), so one sort of the positives
+    and one of the negatives, and one binary search, give for each positive the positives and
+    the negatives of its class that score at least as high.
     """
-    if positive_class is None:  # one class: the scores order themselves (a sort puts -0.0 beside its equal 0.0)
+    if segments is None:  # one class: the scores order themselves (a sort puts -0.0 beside its equal 0.0)
         positives, negatives = np.sort(positive_scores), np.sort(negative_scores)
         positive_class = np.zeros(positives.size, dtype=np.intp)
-        n_negative = np.array([negatives.size])
+        n_positive, n_negative = np.array([positives.size]), np.array([negatives.size])
     else:
-        keys = _class_score_keys(np.concatenate([positive_scores, negative_scores]),
-                                 np.concatenate([positive_class, negative_class]))
-        positives, negatives = np.sort(keys[: positive_scores.size]), np.sort(keys[positive_scores.size :])
-        n_negative = np.bincount(negative_class, minlength=n_classes)
-    n_positive = np.bincount(positive_class, minlength=n_classes)
+        positive_codes, negative_codes = _score_codes(positive_scores, negative_scores)
+        positives = np.sort(positive_codes | segments.positive_high)
+        negatives = np.sort(negative_codes | segments.negative_high)
+        positive_class, n_positive, n_negative = segments.positive_class, segments.n_positive, segments.n_negative
     # Positives at or above each positive: its class's end minus the index where its tie group starts.
-    group_start = np.ones(positives.size, dtype=bool)
-    np.not_equal(positives[1:], positives[:-1], out=group_start[1:])
-    first_of_group = np.maximum.accumulate(np.where(group_start, np.arange(positives.size), 0))
+    first_of_group = np.arange(positives.size)
+    tied = positives[1:] == positives[:-1]
+    if tied.any():  # rare in sums of float32 predictions, so the pass that resolves ties is skipped
+        first_of_group = np.maximum.accumulate(np.where(np.r_[True, ~tied], first_of_group, 0))
     pos_at_or_above = np.cumsum(n_positive)[positive_class] - first_of_group
-    neg_at_or_above = np.cumsum(n_negative)[positive_class] - np.searchsorted(negatives, positives, side="left")
+    neg_at_or_above = np.cumsum(n_negative)[positive_class] - _count_below(negatives, positives)
     precision = pos_at_or_above / (pos_at_or_above + neg_at_or_above)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.bincount(positive_class, weights=precision, minlength=n_classes) / n_positive
+        return np.bincount(positive_class, weights=precision, minlength=n_positive.size) / n_positive
 
 
-def _class_score_keys(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Integer keys that order (class, score) pairs as a lexicographic sort would, ties equal.
+def _count_below(negatives: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """For each of the sorted ``positives``, how many of the sorted ``negatives`` are below it.
 
-    float32 scores (OOF predictions and their sums) map to their order-preserving bit pattern
-    beside the class, one uint64 each; other dtypes go through their dense rank, which costs one
-    more sort but is exact for any score.
+    One binary search per positive, or, where positives outnumber negatives (the competition's
+    ranking within images that carry a class is mostly positives), one per negative: a negative
+    is below positive j exactly when at most j positives are at or below it.
     """
-    if scores.dtype == np.float32:
-        bits = (scores + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0, its equal
-        ordered = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
-        return (classes.astype(np.uint64) << np.uint64(32)) | ordered
-    values, rank = np.unique(scores, return_inverse=True)
-    return classes.astype(np.int64) * max(values.size, 1) + rank
+    if positives.size <= negatives.size:
+        return np.searchsorted(negatives, positives, side="left")
+    at_or_below = np.searchsorted(positives, negatives, side="right")
+    return np.cumsum(np.bincount(at_or_below, minlength=positives.size + 1))[: positives.size]
+
+
+def _score_codes(positive_scores: np.ndarray, negative_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 codes below 2**32 that order the scores as they order, ties equal.
+
+    float32 scores (OOF predictions and their sums) map to their order-preserving bit pattern;
+    other dtypes go through their dense rank, which costs one more sort but is exact for any score.
+    """
+    if positive_scores.dtype == np.float32 and negative_scores.dtype == np.float32:
+        return _float32_codes(positive_scores), _float32_codes(negative_scores)
+    rank = np.unique(np.concatenate([positive_scores, negative_scores]), return_inverse=True)[1].astype(np.uint64)
+    return rank[: positive_scores.size], rank[positive_scores.size :]
+
+
+def _float32_codes(scores: np.ndarray) -> np.ndarray:
+    bits = (scores + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0, its equal
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
 
 
 # Above this many ranked values, a 2-D score is scored class by class (and fold by fold): one

@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted
 from ensemble.labels import CLASS_NAMES
 from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_selection
 from ensemble.selectors.blocks import choose_members, find_blocks
-from ensemble.selectors.candidates import CandidateScores
+from ensemble.selectors.candidates import CandidateScores, prune_members
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
 from ensemble.selectors.fusion import FUSION_MODES, aggregate, apply_spec, decide_fusion, member_weights, predict_rows
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
@@ -172,25 +172,24 @@ class HCPLSelector(BaseEstimator):
         chosen = metrics[self.objective_]
 
         logger.info("streaming the correlation of %d models over %d cells", len(oof.models), oof.n_cells)
-        moments = prediction_moments(oof, chunk_rows=self.chunk_rows)
-        everything = slice(0, oof.n_cells)
+        moments = prediction_moments(oof, chunk_rows=self.chunk_rows, n_jobs=self.n_jobs)
         # A model's score on a fit's rows is the mean of its folds' (each fold is ranked apart), so
         # every model is scored once per fold here, not once per refit.
         logger.info("scoring %d models", len(oof.models))
         fold_maps = dict(zip(oof.models, chosen.map_many((oof.cell[m] for m in oof.models), self.n_jobs, by_fold=True),
                              strict=True))
         candidates = _candidates(oof, targets, chosen, self)
-        spec = _fit(oof, moments, fold_maps, None, self, candidates)
-        baselines, greedy_result = _fit_baselines(oof, chosen, spec, everything, greedy_params, self.n_jobs)
-        predictions = {"hcpl": predict_rows(spec, oof, everything),
-                       "hcpl_unfused": predict_rows(spec, oof, everything, fused=False)}
-        predictions |= {method: _weighted_mean(oof, w, everything) for method, w in baselines.items()}
-        held_out = None
-        if self.nested:
-            held_out = _nested_predictions(oof, targets, chosen, moments, fold_maps, self, candidates, greedy_params,
-                                           list(predictions), self.n_jobs)
-        metric_scores = {name: _method_scores(metric, predictions, held_out, self.n_jobs)
-                         for name, metric in metrics.items()}
+        # The fit on all folds and the nested refits are independent: they go to threads together
+        # (their sorts and array sums release the GIL), each reading the candidates' shared scores.
+        exclusions = [None, *folds] if self.nested else [None]
+        fits = dict(zip(exclusions, Parallel(n_jobs=self.n_jobs, prefer="threads")(
+            delayed(_refit)(oof, chosen, moments, fold_maps, fold, self, candidates, greedy_params)
+            for fold in exclusions), strict=True))
+        spec, _, greedy_result = fits[None]
+        logger.info("predicting with each fit")
+        predictions, held_out = _predictions(oof, fits, self.n_jobs)
+        logger.info("scoring %d methods under %s", len(predictions), " and ".join(metrics))
+        metric_scores = _method_scores(metrics, predictions, held_out, self.n_jobs)
         self.spec_ = replace(
             spec,
             objective=self.objective_,
@@ -259,7 +258,7 @@ def _fit(
     members = choose_members(blocks, model_map)
     pruned: dict[str, str] = {}
     if settings.prune:
-        members, pruned = _prune(members, model_map, candidates, exclude_fold)
+        members, pruned = prune_members(members, model_map, candidates, exclude_fold)
     chosen = list(members.values())
     weights = member_weights(settings.weights, chosen)
     groups = _groups(chosen, oof, settings.aggregation)
@@ -343,38 +342,6 @@ def _candidates(oof: OOFSet, targets: Targets, objective: Objective, settings: H
                            targets.cell_level, carried)
 
 
-def _prune(
-    members: Mapping[str, str],
-    model_map: Mapping[str, float],
-    candidates: CandidateScores,
-    exclude_fold: int | None,
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Leave a block's member out only if adding it lowers the aggregated cell stream's score in
-    every fold the fit sees (all but ``exclude_fold``).
-
-    The bar is consistent harm, not "no gain": the first member is the best of several models on
-    these rows, so its score is biased upwards, and a member that adds as much as it costs here
-    still adds an independent view of new images (on the quick zoo, pruning on "raise the pooled
-    score" kept one network per nested refit and scored 0.017 competition mAP below the mean of
-    all models out of sample). A block of models that learnt little but the class priors lowers
-    the ensemble in every fold, and goes.
-
-    Greedy in order of member score, one pass: each block is tried once, so this costs one score
-    per block, not Caruana's one per model per step.
-    """
-    order = sorted(members, key=lambda b: -model_map[members[b]])
-    kept, pruned = {order[0]: members[order[0]]}, {}
-    current = candidates.fold_maps([members[order[0]]], exclude_fold)
-    for block in order[1:]:
-        scores = candidates.fold_maps([*kept.values(), members[block]], exclude_fold)
-        if (scores < current).all():
-            pruned[block] = (f"adding {members[block]} lowers the score in every fold: "
-                             + ", ".join(f"{old:.4f} -> {new:.4f}" for old, new in zip(current, scores, strict=True)))
-        else:
-            kept[block], current = members[block], scores
-    return {b: kept[b] for b in members if b in kept}, pruned
-
-
 def _fit_baselines(
     oof: OOFSet,
     objective: Objective,
@@ -405,60 +372,93 @@ def _weighted_mean(oof: OOFSet, weights: Mapping[str, float], rows: slice | np.n
     return aggregate({m: oof.cell[m][:, rows] for m in weights}, {"all": list(weights)}, weights)
 
 
-def _nested_predictions(
+def _refit(
     oof: OOFSet,
-    targets: Targets,
     objective: Objective,
     moments: PredictionMoments,
     fold_maps: Mapping[str, np.ndarray],
+    exclude_fold: int | None,
     settings: HCPLSelector,
     candidates: CandidateScores,
     greedy_params: GreedyParams | None,
-    methods: list[str],
+) -> tuple[EnsembleSpec, dict[str, dict[str, float]], GreedyResult | None]:
+    """The recipe and the baselines' weights fitted on all folds but ``exclude_fold`` (None: all)."""
+    rows = slice(0, oof.n_cells)
+    if exclude_fold is not None:
+        held = oof.fold_slices()[exclude_fold]
+        rows = np.r_[0 : held.start, held.stop : oof.n_cells]
+    logger.info("fitting %s", "on every fold" if exclude_fold is None else f"without fold {exclude_fold}")
+    spec = _fit(oof, moments, fold_maps, exclude_fold, settings, candidates)
+    return spec, *_fit_baselines(oof, objective, spec, rows, greedy_params, settings.n_jobs)
+
+
+def _predictions(
+    oof: OOFSet,
+    fits: Mapping[int | None, tuple[EnsembleSpec, dict[str, dict[str, float]], GreedyResult | None]],
     n_jobs: int | None,
-) -> dict[str, np.ndarray]:
-    """Per method, its held-out predictions ``(n_classes, n_cells)``: each fold's cells as the
-    method fitted on the other folds predicts them."""
-    held_out = {m: np.empty_like(targets.truth, dtype=np.float32) for m in methods}
-    for fold, rows in oof.fold_slices().items():
-        logger.info("nested selection: refitting without fold %d", fold)
-        train = np.r_[0 : rows.start, rows.stop : oof.n_cells]
-        spec = _fit(oof, moments, fold_maps, fold, settings, candidates)
-        baselines, _ = _fit_baselines(oof, objective, spec, train, greedy_params, n_jobs)
-        held_out["hcpl"][:, rows] = predict_rows(spec, oof, rows)
-        held_out["hcpl_unfused"][:, rows] = predict_rows(spec, oof, rows, fused=False)
-        for method, weights in baselines.items():
-            held_out[method][:, rows] = _weighted_mean(oof, weights, rows)
-    return held_out
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Per method (``hcpl``, ``hcpl_unfused``, each baseline), its predictions ``(n_classes,
+    n_cells)`` as fitted on all folds (``fits[None]``) and, where ``fits`` holds the refits by the
+    fold each left out, held out: each fold's cells as the method fitted on the other folds
+    predicts them (else None). Computed on threads, as array sums release the GIL; each fold's
+    predictions go straight into their rows, so memory holds no second copy."""
+    methods = ["hcpl", "hcpl_unfused", *fits[None][1]]
+    in_sample: dict[str, np.ndarray] = {}
+    held_out = None
+    if len(fits) > 1:
+        shape = (next(iter(oof.cell.values())).shape[0], oof.n_cells)
+        held_out = {method: np.empty(shape, dtype=np.float32) for method in methods}
+
+    def predict(fold: int | None) -> None:
+        spec, baselines, _ = fits[fold]
+        rows = slice(0, oof.n_cells) if fold is None else oof.fold_slices()[fold]
+        for method in methods:
+            if method in ("hcpl", "hcpl_unfused"):
+                values = predict_rows(spec, oof, rows, fused=method == "hcpl")
+            else:
+                values = _weighted_mean(oof, baselines[method], rows)
+            if fold is None:
+                in_sample[method] = values
+            else:
+                held_out[method][:, rows] = values
+
+    Parallel(n_jobs=n_jobs, prefer="threads")(delayed(predict)(fold) for fold in fits)
+    return {method: in_sample[method] for method in methods}, held_out
 
 
-def _method_scores(metric: Objective, predictions: Mapping[str, np.ndarray],
-                   held_out: Mapping[str, np.ndarray] | None, n_jobs: int | None) -> dict[str, MethodScore]:
-    """Each method's in-sample and (with ``held_out``) nested scores under ``metric`` (ranked
-    within each fold), on threads.
+def _method_scores(metrics: Mapping[str, Objective], predictions: Mapping[str, np.ndarray],
+                   held_out: Mapping[str, np.ndarray] | None,
+                   n_jobs: int | None) -> dict[str, dict[str, MethodScore]]:
+    """Under each metric (ranked within each fold), each method's in-sample and (with
+    ``held_out``) nested scores, on threads.
 
     Fold-wise means are the honest figures. Pooling the folds' predictions into one ranking also
     measures whether their scales agree, which fused predictions need not: a class fused in one
     refit and not in another mixes products with plain probabilities.
     """
-    pooled, fold_ids = metric.pooled(), np.unique(metric.folds).tolist()
+    fold_ids = {name: np.unique(metric.folds).tolist() for name, metric in metrics.items()}
+    pooled = {name: metric.pooled() for name, metric in metrics.items()}
 
-    def score(method: str) -> MethodScore:
-        nested = {}
+    def score(name: str, method: str) -> MethodScore:
+        metric, nested = metrics[name], {}
         if held_out is not None:
             fold_ap = metric.per_fold_and_class(held_out[method])
             by_fold = _nanmean(fold_ap, axis=1)
             nested = {
-                "nested_folds": dict(zip(fold_ids, map(float, by_fold), strict=True)),
+                "nested_folds": dict(zip(fold_ids[name], map(float, by_fold), strict=True)),
                 "nested_mean": float(_nanmean(by_fold)),
-                "nested_pooled": pooled.map(held_out[method]),
+                "nested_pooled": pooled[name].map(held_out[method]),
                 "nested_per_class": dict(zip(CLASS_NAMES, map(float, _nanmean(fold_ap, axis=0)), strict=True)),
             }
-        return MethodScore(in_sample=pooled.map(predictions[method]), in_sample_mean=metric.map(predictions[method]),
-                           **nested)
+        return MethodScore(in_sample=pooled[name].map(predictions[method]),
+                           in_sample_mean=metric.map(predictions[method]), **nested)
 
-    return dict(zip(predictions, Parallel(n_jobs=n_jobs, prefer="threads")(delayed(score)(m) for m in predictions),
-                    strict=True))
+    pairs = [(name, method) for name in metrics for method in predictions]
+    scores = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(score)(*pair) for pair in pairs)
+    by_metric: dict[str, dict[str, MethodScore]] = {name: {} for name in metrics}
+    for (name, method), result in zip(pairs, scores, strict=True):
+        by_metric[name][method] = result
+    return by_metric
 
 
 def _check_settings(settings: HCPLSelector, oof: OOFSet, targets: Targets) -> None:
