@@ -46,9 +46,9 @@ def ensemble_spec(members: list[ModelSpec]):
     oof = synthetic.oof
     oof = OOFSet(index=oof.index, cell={name[k]: v for k, v in oof.cell.items()},
                  image={name[k]: v for k, v in oof.image.items()}, tags={name[k]: v for k, v in oof.tags.items()})
-    # threshold 0: every model is its own block, so every one is a member.
-    return select_ensemble(oof, synthetic.labels, threshold=0.0, fusion="paper", aggregation="hierarchical",
-                           nested=False, greedy=False)
+    # threshold 0: every model is its own block, so every one is a member (none pruned).
+    return select_ensemble(oof, synthetic.labels, threshold=0.0, prune=False, fusion="paper",
+                           aggregation="hierarchical", nested=False, greedy=False)
 
 
 def build(workdir: Path, members: list[ModelSpec], n_folds: int, cell_size: int) -> Path:

@@ -1,7 +1,7 @@
 """Benchmark ``mlflow models serve`` of the registered champion: cold start and per-image latency.
 
-An ensemble of the quick zoo's models (all of them by default, as the demo's champion has at
-most; untrained fold networks: speed does not depend on the weights) is registered in a SQLite registry and served with the README's command
+An ensemble of a zoo's models (the quick zoo's by default, all of them, as the demo's champion
+has at most; untrained fold networks: speed does not depend on the weights) is registered in a SQLite registry and served with the README's command
 (``mlflow models serve -m models:/hpa-ensemble@champion --env-manager local``). One simulated
 image of 2048 px, 16-bit, as the Kaggle data has them, is sent as the README's request: its four
 channels as base64 PNG text, segmented on the server. Printed:
@@ -18,12 +18,14 @@ MLflow answers a request that takes longer than its scoring timeout (60 s unless
 counted. On a shared machine other processes' load moves every figure: the load average is printed.
 
     python bench/bench_serving.py [--size 2048] [--requests 3] [--folds 3] [--members dsa_regnet ...]
+    python bench/bench_serving.py --zoo hcpl --folds 5 --requests 1 --request-timeout 1800  # 45 networks
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -50,12 +52,12 @@ from ensemble.serving.model import Preprocessing
 from ensemble.zoo import load_zoo
 
 
-def register(workdir: Path, member_names: list[str], n_folds: int) -> str:
+def register(workdir: Path, zoo_name: str, member_names: list[str], n_folds: int) -> str:
     """Register the ensemble (untrained fold networks) in a SQLite registry; its tracking URI."""
-    zoo = load_zoo("quick")
+    zoo = load_zoo(zoo_name)
     members = {}
     for name in member_names:
-        spec = zoo.model(name)
+        spec = dataclasses.replace(zoo.model(name), pretrained=False)  # untrained: nothing to download
         folds = {}
         for fold in range(n_folds):
             folds[fold] = workdir / f"{name}-fold{fold}.pt"
@@ -124,13 +126,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--folds", type=int, default=3, help="fold networks per member")
-    parser.add_argument("--members", nargs="+", default=None, help="model names of the quick zoo (default: all)")
+    parser.add_argument("--zoo", default="quick", help="the zoo whose models are the members (quick, hcpl)")
+    parser.add_argument("--members", nargs="+", default=None, help="model names of the zoo (default: all)")
+    parser.add_argument("--request-timeout", type=int, default=None,
+                        help="MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, seconds (default: MLflow's, 60)")
     args = parser.parse_args()
-    args.members = args.members or [m.name for m in load_zoo("quick").models]
+    args.members = args.members or [m.name for m in load_zoo(args.zoo).models]
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        uri = register(workdir, args.members, args.folds)
+        uri = register(workdir, args.zoo, args.members, args.folds)
         body = request_body(workdir, args.size)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -139,6 +144,8 @@ def main() -> None:
         # The README's command, from this environment (MLflow starts `uvicorn` by name from PATH).
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        if args.request_timeout:
+            env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(args.request_timeout)
         load = os.getloadavg()[0]
         start = time.perf_counter()
         server = subprocess.Popen(
@@ -166,7 +173,7 @@ def main() -> None:
 
     networks = len(args.members) * args.folds
     print(f"# mlflow models serve: {args.size} px 16-bit image ({len(body) / 2**20:.0f} MiB request, "
-          f"{first[1]} cells), {len(args.members)} members x {args.folds} folds = {networks} networks "
+          f"{first[1]} cells), {args.zoo} zoo: {len(args.members)} members x {args.folds} folds = {networks} networks "
           f"({', '.join(args.members)}), classical segmentation on the server; CPU, {os.cpu_count()} cores, "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
     print(f"cold start (server start to /ping): {cold:.1f} s; first request: {first[0]:.1f} s"
