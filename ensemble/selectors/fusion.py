@@ -289,8 +289,12 @@ def predict_rows(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, fuse
     """Aggregate and (unless ``fused`` is False) fuse the spec's members on ``rows``: (n_classes, n_rows) float32."""
     members = [m for group in spec.groups.values() for m in group]
     cell = aggregate({m: oof.cell[m][:, rows] for m in members}, spec.groups, spec.weights)
-    if not fused:
-        return cell
+    return fuse_rows(spec, oof, rows, cell) if fused else cell
+
+
+def fuse_rows(spec: EnsembleSpec, oof: OOFSet, rows: slice | np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """``cell``, the spec's aggregated cell stream on ``rows``, fused per class with its image
+    stream (a new array): for a caller that wants both the fused and the unfused predictions."""
     image = None
     if uses_image_stream(spec):
         image = aggregate(

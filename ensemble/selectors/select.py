@@ -35,7 +35,8 @@ from ensemble.selectors.baselines import GreedyParams, GreedyResult, greedy_sele
 from ensemble.selectors.blocks import choose_members, find_blocks
 from ensemble.selectors.candidates import CandidateScores, prune_members
 from ensemble.selectors.correlation import CORRELATIONS, PredictionMoments, prediction_moments
-from ensemble.selectors.fusion import FUSION_MODES, aggregate, apply_spec, decide_fusion, member_weights, predict_rows
+from ensemble.selectors.fusion import (FUSION_MODES, aggregate, apply_spec, decide_fusion, fuse_rows, member_weights,
+                                       predict_rows)
 from ensemble.oof import CELL_COLUMNS, OOFSet, Targets, align_labels
 from ensemble.selectors.scoring import OBJECTIVES, Objective, _nanmean, carried_by_image
 from ensemble.selectors.spec import EnsembleSpec, MethodScore
@@ -412,18 +413,17 @@ def _predictions(
     def predict(fold: int | None) -> None:
         spec, baselines, _ = fits[fold]
         rows = slice(0, oof.n_cells) if fold is None else oof.fold_slices()[fold]
-        for method in methods:
-            if method in ("hcpl", "hcpl_unfused"):
-                values = predict_rows(spec, oof, rows, fused=method == "hcpl")
-            else:
-                values = _weighted_mean(oof, baselines[method], rows)
-            if fold is None:
-                in_sample[method] = values
-            else:
-                held_out[method][:, rows] = values
+        unfused = predict_rows(spec, oof, rows, fused=False)
+        values = {"hcpl": fuse_rows(spec, oof, rows, unfused), "hcpl_unfused": unfused}
+        values |= {method: _weighted_mean(oof, weights, rows) for method, weights in baselines.items()}
+        if fold is None:
+            in_sample.update(values)
+            return
+        for method, prediction in values.items():
+            held_out[method][:, rows] = prediction
 
     Parallel(n_jobs=n_jobs, prefer="threads")(delayed(predict)(fold) for fold in fits)
-    return {method: in_sample[method] for method in methods}, held_out
+    return in_sample, held_out
 
 
 def _method_scores(metrics: Mapping[str, Objective], predictions: Mapping[str, np.ndarray],
