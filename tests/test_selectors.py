@@ -66,13 +66,14 @@ def _truth(synthetic) -> np.ndarray:
 @pytest.mark.parametrize("class_by_class", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("ties", [False, True])
-def test_fast_average_precision_equals_sklearn(ties, dtype, class_by_class, monkeypatch):
+@pytest.mark.parametrize("prevalence", [(0.01, 0.5), (0.6, 0.95)])  # the latter: positives outnumber negatives
+def test_fast_average_precision_equals_sklearn(ties, dtype, class_by_class, prevalence, monkeypatch):
     from ensemble.selectors import scoring
 
     if class_by_class:  # as large predictions are scored
         monkeypatch.setattr(scoring, "ONE_PASS_VALUES", 0)
     rng = np.random.default_rng(0)
-    truth = rng.random((6, 5000)) < np.linspace(0.01, 0.5, 6)[:, None]
+    truth = rng.random((6, 5000)) < np.linspace(*prevalence, 6)[:, None]
     score = rng.random((6, 5000)) + 0.5 * truth - 0.7  # negative scores too: keys must keep their order
     if ties:  # coarse scores: many positives and negatives share a value, -0.0 and 0.0 among them
         score = np.round(score, 1)
