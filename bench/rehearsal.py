@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, samples)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rehearsal-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    zoo = rehearsal_zoo(work / "hcpl-rehearsal.yaml", args.batch_size, args.models)  # an unknown --models name: now
     # Stopped (Ctrl-C, kill), it still stops the servers and nodes it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped; logs in {work}"))
 
@@ -285,7 +286,6 @@ def main() -> None:
         cluster.up()
         stage(f"start mlflow server and Ray ({args.workers} worker nodes)")
 
-        zoo = rehearsal_zoo(work / "hcpl-rehearsal.yaml", args.batch_size, args.models)
         samples = [sample_head(cluster.head, time.monotonic())]
         submitted = time.time()
         done = cluster.job("submit", "--no-wait", "--submission-id", "rehearsal", "--",
