@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ensemble.metrics import POSITIVE_THRESHOLD
 from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
 from ensemble.serving.registry import member_checkpoints, needed_models, register_ensemble
 from ensemble.selectors import EnsembleSpec, Objective, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
+from ensemble.selectors.served import MIN_PAIRS, fold_noise, load_validation_dir, served_form
 from ensemble.selectors.weighting import WeightingDecision, decide_weighting
 from ensemble.serving.model import Preprocessing
 from ensemble.storage import join, write_bytes
@@ -147,7 +149,7 @@ def store_labels(store: CellStore) -> pd.DataFrame:
 
 def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id: str,
                 tracking_uri: str | None = None, parent_run_id: str | None = None, *, strict: bool = False,
-                **options) -> EnsembleSpec:
+                validation: Mapping[str, pd.DataFrame] | None = None, **options) -> EnsembleSpec:
     """``select_ensemble`` on OOF tables (:func:`load_oof_dir`, :func:`load_oof_mlflow`), scored
     against the store's labels.
 
@@ -158,6 +160,11 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
     OOF tables that together miss cells of the store (a fold never trained, tables of another
     store) are scored on the cells they have: a warning says how many and which images, or with
     ``strict`` a ValueError.
+
+    With the jobs' ``validation`` predictions (:func:`~ensemble.selectors.served.load_validation_dir`)
+    selection sees each cell as serving predicts it, by the average of the fold networks
+    (:mod:`ensemble.selectors.served`); without them, by the one network of the OOF, and a warning
+    says so.
     """
     store = open_store(store)
     labels = store_labels(store)
@@ -172,6 +179,16 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
         warnings.warn(message, stacklevel=2)
     options.setdefault("fusion", "off" if not oof.image else "fit" if labels["cell_truth"].all() else "paper")
     options.setdefault("aggregation", "hierarchical")
+    noise = fold_noise(oof, validation) if validation is not None else None
+    if noise is not None and noise.n_pairs >= MIN_PAIRS:
+        oof = served_form(oof, noise)
+    else:
+        why = (f"only {noise.n_pairs} cells have a second network's prediction (need {MIN_PAIRS}; a larger "
+               "train.val_fraction gives more)" if noise is not None else
+               "no validation predictions of the jobs beside the OOF tables (train with this version to have them)")
+        warnings.warn(f"{why}: selection sees one network per cell, while serving averages the fold networks",
+                      stacklevel=2)
+        noise = None
     spec = select_ensemble(oof, labels, **options)
     tags = {tracking.TAG_KIND: "select", **({tracking.TAG_PARENT: parent_run_id} if parent_run_id else {})}
     tracking.client(tracking_uri)
@@ -181,6 +198,10 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
             write_bytes(file.read_bytes(), join(out_dir, file.name))
         with mlflow.start_run(experiment_id=experiment_id, run_name="select_ensemble", tags=tags):
             log_to_mlflow(spec, files[1:])
+            mlflow.log_param("served_form", noise is not None)
+            if noise is not None:
+                mlflow.log_metrics({f"fold_noise.{m}": v for m, v in noise.spread().items()} | {
+                    "fold_noise_pairs": noise.n_pairs})
     return spec
 
 
@@ -315,9 +336,11 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
     ensemble = version = integrity = None
     if select and len(zoo.models) > 1:
         # The zoo's own models: the workdir may hold tables of models an earlier zoo trained.
-        oof = load_oof_dir(join(workdir, "oof"), models=[m.name for m in zoo.models])
+        models = [m.name for m in zoo.models]
+        oof = load_oof_dir(join(workdir, "oof"), models=models)
         ensemble = select_step(oof, store, join(workdir, "ensemble"), training.experiment_id,
-                               tracking_uri, training.parent_run_id)
+                               tracking_uri, training.parent_run_id,
+                               validation=load_validation_dir(join(workdir, "oof"), models))
         if zoo.integrity.enabled:
             integrity = integrity_step(zoo, workdir, ensemble, oof, store)
             client = tracking.client(tracking_uri)

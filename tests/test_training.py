@@ -20,7 +20,8 @@ from ensemble.models import build_model
 from ensemble.serving.model import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
-from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for
+from ensemble.selectors.served import load_validation_dir
+from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for, validation_uri
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
 from ensemble.pipeline import relabel_step, select_step, sweep_step, train_all
 from ensemble.trainers import loop
@@ -97,7 +98,7 @@ def test_fit_job_records_run_and_is_skipped_when_done(tmp_path, store, tiny_zoo_
 
 @pytest.mark.slow
 def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, monkeypatch):
-    zoo = load_zoo(tiny_zoo_file)
+    zoo = load_zoo(tiny_zoo_file, {"val_fraction": 0.5})  # cells enough for a second network's predictions
     monkeypatch.chdir(tmp_path)
     uri = "sqlite:///mlflow.db"  # relative, as the CLI's default; Ray workers run in another directory
     result = train_zoo(zoo, store, str(tmp_path / "work"), tracking_uri=uri, progress=False)
@@ -115,21 +116,35 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, m
     assert all(job.skipped for job in rerun.jobs)
     assert len(tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "job"}, uri)) == 6
 
-    # The OOF directory train_zoo leaves is what the selector reads.
-    spec = select_step(load_oof_dir(tmp_path / "work" / "oof"), store, str(tmp_path / "ensemble"),
-                       result.experiment_id, uri, result.parent_run_id, nested=False, greedy=False)
+    # The OOF directory train_zoo leaves is what the selector reads, with the jobs' predictions of
+    # their validation splits: each cell of them a second time, by another fold's network.
+    oof_dir = str(tmp_path / "work" / "oof")
+    validation = load_validation_dir(oof_dir, ["cla_tiny", "dsa_tiny"])
+    for model, table in validation.items():
+        assert sorted(table["network"].unique()) == [0, 1, 2] and (table["network"] != table["fold"]).all()
+        for fold in range(3):
+            _, rows, _ = loop.job_rows(cells, fold, zoo.model(model).train)
+            assert sorted(map(tuple, table.loc[table["network"] == fold, ["image_id", "cell_id"]].to_numpy())) == \
+                sorted(map(tuple, cells.cells.iloc[rows][["image_id", "cell_id"]].to_numpy()))
+    spec = select_step(load_oof_dir(oof_dir), store, str(tmp_path / "ensemble"), result.experiment_id, uri,
+                       result.parent_run_id, validation=validation, nested=False, greedy=False)
     assert sorted(spec.models) == ["cla_tiny", "dsa_tiny"] and spec.members
     assert EnsembleSpec.from_json(tmp_path / "ensemble" / "ensemble_spec.json").members == spec.members
     assert (tmp_path / "ensemble" / "correlation.png").stat().st_size > 0
     (select_run,) = tracking.find_runs(result.experiment_id, {tracking.TAG_KIND: "select"}, uri)
     assert select_run.info.status == "FINISHED" and "map_hcpl_in_sample_fold_mean" in select_run.data.metrics
+    assert select_run.data.params["served_form"] == "True" and select_run.data.metrics["fold_noise_pairs"] >= 100
+    assert 0 < select_run.data.metrics["fold_noise.cla_tiny"] < 0.5
 
-    # A zoo without a DSA head has no image stream to fuse: the step selects without fusion.
+    # A zoo without a DSA head has no image stream to fuse: the step selects without fusion. Without
+    # the validation tables selection sees the OOF's one network per cell, and says so.
     cla_only = tmp_path / "cla_only"
     cla_only.mkdir()
     (cla_only / "cla_tiny.parquet").write_bytes((tmp_path / "work" / "oof" / "cla_tiny.parquet").read_bytes())
-    spec = select_step(load_oof_dir(cla_only), store, str(tmp_path / "ensemble-cla"), result.experiment_id, uri,
-                       nested=False, greedy=False)
+    assert load_validation_dir(str(cla_only), ["cla_tiny"]) is None
+    with pytest.warns(UserWarning, match="selection sees one network per cell"):
+        spec = select_step(load_oof_dir(cla_only), store, str(tmp_path / "ensemble-cla"), result.experiment_id, uri,
+                           nested=False, greedy=False)
     assert spec.fusion_mode == "off" and list(spec.members.values()) == ["cla_tiny"]
 
 
@@ -287,6 +302,10 @@ def test_loader_workers_and_a_timm_optimizer_from_the_zoo_train_a_job(tmp_path, 
                                   torch.device("cpu"))
     assert list(oof.columns) == list(reference.columns) and (oof.dtypes == reference.dtypes).all()
     pd.testing.assert_frame_equal(oof[["image_id", "cell_id", "fold"]], reference[["image_id", "cell_id", "fold"]])
+    # The chosen epoch's predictions of the validation split: cells of the other folds, by this job.
+    validation = read_parquet(validation_uri(ctx.workdir, spec.name, 0))
+    _, rows, _ = loop.job_rows(cells, 0, spec.train)
+    assert len(validation) == len(rows) and (validation["network"] == 0).all() and (validation["fold"] != 0).all()
 
 
 def test_resumed_job_continues_the_optimiser_and_schedule(tmp_path):

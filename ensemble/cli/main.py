@@ -171,8 +171,10 @@ def cmd_select(args) -> int:
         tracking.client(uri, create=False)  # a server that answers, a database that exists: before reading
     from ensemble.oof import load_oof_dir, load_oof_mlflow
     from ensemble.pipeline import select_step  # seconds of imports, after the checks
+    from ensemble.selectors.served import load_validation_dir
 
     oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, uri)
+    validation = load_validation_dir(args.oof_dir, oof.models) if args.oof_dir else None
     experiment = args.experiment or "select"
     options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
                "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds, "strict": args.strict,
@@ -180,7 +182,7 @@ def cmd_select(args) -> int:
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
-                       tracking.ensure_experiment(experiment, uri), uri, **options)
+                       tracking.ensure_experiment(experiment, uri), uri, validation=validation, **options)
     print(spec.report())
     print(f"ensemble spec and correlation plot -> {args.out}")
     return 0

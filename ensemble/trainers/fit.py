@@ -74,6 +74,11 @@ def oof_uri(workdir: str, model: str, fold: int, without: tuple[int, ...] = ()) 
     return join(workdir, "oof", model, f"fold{fold_key(fold, without)}.parquet")
 
 
+def validation_uri(workdir: str, model: str, fold: int) -> str:
+    """Where a job's predictions of its inner validation split go (outer-fold jobs only)."""
+    return join(workdir, "oof", model, f"fold{fold}.validation.parquet")
+
+
 def job_tags(ctx: RunContext, spec: ModelSpec, fold: int, without: tuple[int, ...] = ()) -> dict[str, str]:
     """The tags that identify a job's MLflow run (found again by a re-run)."""
     return {tracking.TAG_KIND: "job", tracking.TAG_ZOO: ctx.zoo, tracking.TAG_MODEL: spec.name,
@@ -98,7 +103,8 @@ def trainer_for(spec: ModelSpec, fold: int, ctx: RunContext, run_id: str | None 
     storage_filesystem, storage_path = arrow_filesystem(join(ctx.workdir, "ray"))
     config = JobConfig(spec=dataclasses.asdict(spec), fold=fold, store=ctx.store,
                        oof_path=oof_uri(ctx.workdir, name or spec.name, fold, without), tracking_uri=ctx.tracking_uri,
-                       run_id=run_id, without=tuple(without))
+                       run_id=run_id, without=tuple(without),
+                       validation_path=None if name or without else validation_uri(ctx.workdir, spec.name, fold))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(config),

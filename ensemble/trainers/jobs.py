@@ -27,9 +27,9 @@ from ensemble.data.store import CellStore, evaluation_labels, open_store
 from ensemble.metrics import cell_map
 from ensemble.models.backbones import family_of
 from ensemble.oof import CELL_COLUMNS, KEYS
-from ensemble.storage import join, read_parquet, write_bytes, write_parquet
+from ensemble.storage import exists, filesystem, join, read_parquet, write_bytes, write_parquet
 from ensemble.checks import preflight_zoo
-from ensemble.trainers.fit import JobResult, RunContext, fit_job, fold_key, oof_uri
+from ensemble.trainers.fit import JobResult, RunContext, fit_job, fold_key, oof_uri, validation_uri
 from ensemble.zoo import ModelSpec, Zoo
 
 FoldSpecs = Mapping[tuple[str, int], ModelSpec]
@@ -158,7 +158,9 @@ def run_jobs(jobs: list[Job], source: str, progress: bool = True, max_concurrent
 def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
     """Concatenate each model's per-fold OOF tables into ``oof/{model}.parquet``, tags in ``oof/models.json``.
 
-    The directory is then what :func:`ensemble.oof.load_oof_dir` reads.
+    The directory is then what :func:`ensemble.oof.load_oof_dir` reads. The jobs' predictions of
+    their inner validation splits go to ``oof/validation/{model}.parquet``
+    (:func:`ensemble.selectors.served.load_validation_dir`), for models whose every job wrote them.
     """
     tags = {spec.name: {"head": spec.head, "backbone": spec.backbone, "family": family_of(spec.backbone)}
             for spec in zoo.models}
@@ -169,6 +171,13 @@ def assemble_oof(zoo: Zoo, workdir: str, folds: list[int]) -> dict[str, str]:
         table = table.sort_values(KEYS, kind="stable").reset_index(drop=True)
         paths[spec.name] = join(workdir, "oof", f"{spec.name}.parquet")
         write_parquet(table, paths[spec.name])
+        parts = [validation_uri(workdir, spec.name, f) for f in folds]
+        assembled = join(workdir, "oof", "validation", f"{spec.name}.parquet")
+        if all(exists(part) for part in parts):
+            write_parquet(pd.concat([read_parquet(part) for part in parts], ignore_index=True), assembled)
+        elif exists(assembled):  # an earlier run's, not of these jobs
+            fs, path = filesystem(assembled)
+            fs.rm(path)
     return paths
 
 

@@ -64,6 +64,7 @@ class JobConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
     without: tuple[int, ...] = ()  # further held-out folds (nested CRA): not trained on, predicted with `fold`
+    validation_path: str | None = None  # where the chosen epoch's predictions of the inner validation split go
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -358,4 +359,9 @@ def train_loop_per_worker(config: dict) -> dict:
         oof = predict_rows(bare, store, held_rows, spec, device, workers=workers)
         write_parquet(oof, job.oof_path)
         summary.update(score_predictions(oof, truth[held_rows], prefix="oof"))
+        if job.validation_path:
+            # A second out-of-sample network for these cells (beside their own fold's): what
+            # selection estimates the fold networks' disagreement from (selectors/served.py).
+            validation = predict_rows(bare, store, val_rows, spec, device, workers=workers)
+            write_parquet(validation.assign(network=job.fold), job.validation_path)
     return summary

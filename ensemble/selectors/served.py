@@ -1,0 +1,147 @@
+"""What selection would see if each cell were predicted as serving predicts it: by every fold network.
+
+Serving averages a member's K fold networks; the OOF holds, for each cell, the one network that
+did not train on it. Networks trained briefly on different folds disagree, so the average is
+better than any one of them, by more for some models than for others, and a mix of members that
+beats the best member on the OOF can lose to that member's average on new images (BENCHMARKS.md,
+"The ensemble against its members").
+
+The disagreement is measurable without labels. A job also predicts its inner validation split,
+images of the other folds it did not train on: there a cell of fold j has two out-of-sample
+predictions of every model, from the networks of folds j and k. Half the mean product of their
+differences is the covariance ``C`` of the fold networks' noise (per class, across models: models
+trained on the same fold share its sample). Written for one class, with ``f`` a cell's OOF
+predictions of the M models, ``mu`` and ``S`` their mean and covariance over cells, the served
+average's expectation given the OOF is (noise independent of signal, linear):
+
+    E[mean of K networks | f] = f - (1 - 1/K) C S^-1 (f - mu)
+
+(the OOF network is one of the K; the other K - 1 average out their noise). :func:`served_form`
+replaces the OOF's cell stream with it; no label enters, so nested scores stay out of sample.
+No library estimates this: it is the linear (BLUP) regression of the noise on the predictions.
+The image stream of DSA models is left as it is (fusion alone reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from ensemble.oof import CELL_COLUMNS, KEYS, OOFSet
+from ensemble.storage import exists, join, read_parquet
+
+NETWORK = "network"  # a validation table's column: the fold whose job predicted the row
+MIN_PAIRS = 100      # cells with two out-of-sample predictions of every model below which selection does not use them
+
+
+@dataclass(frozen=True)
+class FoldNoise:
+    """Covariance of the fold networks' noise, per class, across models.
+
+    Attributes
+    ----------
+    models : list of str
+    covariance : ndarray, shape (n_classes, n_models, n_models)
+    n_pairs : int
+        Cells (with their second network) the estimate rests on.
+    n_folds : int
+        Networks a member's served prediction averages.
+    """
+
+    models: list[str]
+    covariance: np.ndarray
+    n_pairs: int
+    n_folds: int
+
+    def spread(self) -> dict[str, float]:
+        """Per model, the standard deviation of one network's noise (mean over classes)."""
+        return {m: float(np.sqrt(np.diagonal(self.covariance, axis1=1, axis2=2)[:, i]).mean())
+                for i, m in enumerate(self.models)}
+
+
+def load_validation_dir(oof_dir: str, models: list[str]) -> dict[str, pd.DataFrame] | None:
+    """The validation tables training assembled beside the OOF (``{oof_dir}/validation/{model}.parquet``),
+    or None where a model has none (jobs of an older version, OOF tables from elsewhere)."""
+    paths = {m: join(oof_dir, "validation", f"{m}.parquet") for m in models}
+    if not all(exists(p) for p in paths.values()):
+        return None
+    return {m: read_parquet(p) for m, p in paths.items()}
+
+
+def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise:
+    """Estimate :class:`FoldNoise` from each model's validation predictions and its OOF.
+
+    Parameters
+    ----------
+    oof : OOFSet
+        With a ``fold`` column in its index.
+    validation : mapping of str to DataFrame
+        Per model of ``oof``: ``image_id, cell_id``, ``network`` (the fold of the job that
+        predicted the row; never the cell's own) and the cell columns.
+
+    Raises
+    ------
+    ValueError
+        A model without its table, a row predicted by its own fold's network or of a cell that
+        the OOF does not hold, or no cell that every model's tables share.
+    """
+    missing = [m for m in oof.models if m not in validation]
+    if missing:
+        raise ValueError(f"no validation predictions of {missing}")
+    position = pd.Series(np.arange(oof.n_cells), index=pd.MultiIndex.from_frame(oof.index[KEYS]))
+    folds = oof.index["fold"].to_numpy()
+    shared = None
+    for name in oof.models:
+        keys = pd.MultiIndex.from_frame(validation[name][[*KEYS, NETWORK]])
+        shared = keys if shared is None else shared.intersection(keys)
+    if not len(shared):
+        raise ValueError("no cell has validation predictions of every model: their inner validation splits differ")
+    pairs = shared.to_frame(index=False)
+    at = position.reindex(pd.MultiIndex.from_frame(pairs[KEYS])).to_numpy()
+    if np.isnan(at).any():
+        raise ValueError("validation predictions of cells that are not in the OOF tables")
+    at = at.astype(np.int64)
+    if (folds[at] == pairs[NETWORK].to_numpy()).any():
+        raise ValueError("a validation row predicted by the network of its own fold: not a second network")
+    differences = []
+    for name in oof.models:
+        table = validation[name].set_index([*KEYS, NETWORK]).loc[shared, CELL_COLUMNS].to_numpy(np.float32)
+        differences.append(oof.cell[name][:, at] - table.T)  # (n_classes, n_pairs)
+    d = np.stack(differences, axis=1)                          # (n_classes, n_models, n_pairs)
+    covariance = np.einsum("cmn,cln->cml", d, d) / (2 * d.shape[2])
+    return FoldNoise(models=list(oof.models), covariance=covariance, n_pairs=len(shared),
+                     n_folds=int(np.unique(folds).size))
+
+
+def served_form(oof: OOFSet, noise: FoldNoise) -> OOFSet:
+    """The OOF with each cell stream replaced by its served average's expectation (module docstring).
+
+    Parameters
+    ----------
+    oof : OOFSet
+    noise : FoldNoise
+        Of the same models (:func:`fold_noise`).
+
+    Returns
+    -------
+    OOFSet
+        Same index, tags and image streams; cell streams in [0, 1].
+    """
+    if list(noise.models) != list(oof.models):
+        raise ValueError(f"the noise is of {noise.models}, the OOF of {oof.models}")
+    shrink = 1 - 1 / noise.n_folds
+    cell = {m: np.empty_like(oof.cell[m]) for m in oof.models}
+    for c in range(len(CELL_COLUMNS)):
+        f = np.stack([oof.cell[m][c] for m in oof.models])  # (n_models, n_cells)
+        centred = f - f.mean(axis=1, keepdims=True)
+        spread = (centred @ centred.T).astype(np.float64) / f.shape[1]
+        # A ridge of the spread's scale keeps a model that predicts one value everywhere solvable.
+        ridge = 1e-6 * max(np.trace(spread) / len(spread), 1e-12) * np.eye(len(spread))
+        regression = shrink * noise.covariance[c] @ np.linalg.inv(spread + ridge)  # (n_models, n_models)
+        served = f - regression.astype(np.float32) @ centred
+        for i, m in enumerate(oof.models):
+            cell[m][c] = np.clip(served[i], 0, 1)
+    return replace(oof, cell=cell)
