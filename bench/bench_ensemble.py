@@ -23,6 +23,7 @@ bootstrap), per seed and pooled over seeds (the seeds' test images resampled tog
     python bench/bench_ensemble.py                         # 3 seeds x 240 images, 200 test images each
     python bench/bench_ensemble.py --stage train           # only train (resumable), e.g. while coding
     python bench/bench_ensemble.py --stage folds           # scored seeds: each fold network alone and in bags
+    python bench/bench_ensemble.py --stage ceiling         # scored seeds: the best weighting in hindsight
     python bench/bench_ensemble.py --seeds 0 --images 60 --epochs 1 --test-images 8 --workdir /tmp/ens-smoke
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -70,8 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-px", type=int, default=384)
     parser.add_argument("--epochs", type=int, default=None, help="default: the zoo's")
     parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--stage", choices=("train", "all", "folds"), default="all",
-                        help="folds: on seeds already scored, what averaging fold networks adds (fold_networks)")
+    parser.add_argument("--stage", choices=("train", "all", "folds", "ceiling"), default="all",
+                        help="on seeds already scored: folds, what averaging fold networks adds (fold_networks); "
+                             "ceiling, the best weighting of the models chosen on the test images")
     parser.add_argument("--workdir", default="/tmp/ensemble-bench")
     return parser.parse_args()
 
@@ -253,6 +256,30 @@ def fold_networks(seed: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(gain=lambda t: t["averaged"] - t["alone"])
 
 
+def ceiling(seed: dict, step: float = 0.1) -> dict:
+    """The most any weighted mean of the models (each its fold networks' average, as served) scores
+    on the seed's test images, competition mAP, with weights on a grid of ``step`` chosen on those
+    images: a bound on what selection could reach with this zoo, not a method."""
+    models = sorted(seed["oof_model_map"])
+    images = [image for image in match_images(seed["path"], hpa.read_truth(seed["test_root"]),
+                                              [c for m in models for c in member_columns(m)]) if image is not None]
+    parts = [np.split(image.scores, len(models), axis=1) for image in images]
+    units = round(1 / step)
+    grid = [w for w in itertools.product(range(units + 1), repeat=len(models)) if sum(w) == units]
+
+    def score(weights) -> float:
+        result = CompetitionScores()
+        for image, scores in zip(images, parts):
+            result.add(image.overlap, sum(w * s for w, s in zip(weights, scores)) / units, image.true_labels)
+        return result.result().map
+
+    maps = {w: score(w) for w in grid}
+    best = max(maps, key=maps.get)
+    alone = maps[tuple(units * (m == seed["oof_best"]) for m in models)]
+    return {"seed": seed["seed"], "weights": dict(zip(models, np.array(best) / units)), "best": maps[best],
+            "oof_best": alone, "gain": maps[best] - alone}
+
+
 def comparisons(seeds: list[dict]) -> pd.DataFrame:
     """Per seed and pooled over seeds: the ensemble minus the OOF-best member and minus the best
     member in hindsight; greedy, the mean of all and the selection on one network per cell minus the
@@ -276,6 +303,12 @@ def main() -> None:
         seeds = json.loads((Path(args.workdir) / "seeds.json").read_text())
         table = pd.concat([fold_networks(seed) for seed in seeds if seed["seed"] in args.seeds], ignore_index=True)
         table.to_csv(Path(args.workdir) / "fold_networks.csv", index=False)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        return
+    if args.stage == "ceiling":
+        seeds = json.loads((Path(args.workdir) / "seeds.json").read_text())
+        table = pd.DataFrame([ceiling(seed) for seed in seeds if seed["seed"] in args.seeds])
+        table.to_csv(Path(args.workdir) / "ceiling.csv", index=False)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return
     results = []
