@@ -171,7 +171,7 @@ def score_seed(args: argparse.Namespace, seed: int) -> dict:
     everything = all_models_spec(spec)
     members = member_checkpoints(zoo.name, everything.models)
     shutil.rmtree(workdir / "all_models", ignore_errors=True)  # a seed scored again (a changed selection) starts over
-    save_ensemble(workdir / "all_models", everything, members, Preprocessing.from_store(store_uri(str(workdir))))
+    save_ensemble(workdir / "all_models", everything, members, Preprocessing.from_store(store))
     index, folds = fold_predictions(load_ensemble(str(workdir / "all_models")), test_root)
     scores = variants(spec, index, folds, one_network)
     at = index.merge(table[KEYS].reset_index(), on=KEYS, how="left")["index"].to_numpy()

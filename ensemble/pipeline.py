@@ -30,7 +30,7 @@ from ensemble.metrics import POSITIVE_THRESHOLD
 from ensemble.oof import CELL_COLUMNS, KEYS, LABEL_COLUMNS, OOFSet, load_oof_dir
 from ensemble.serving.registry import member_checkpoints, needed_models, register_ensemble
 from ensemble.selectors import EnsembleSpec, Objective, apply_spec, log_to_mlflow, plot_correlation, select_ensemble
-from ensemble.selectors.served import MIN_PAIRS, fold_noise, load_validation_dir, served_form
+from ensemble.selectors.served import as_served, load_validation_dir
 from ensemble.selectors.weighting import WeightingDecision, decide_weighting
 from ensemble.serving.model import Preprocessing
 from ensemble.storage import join, write_bytes
@@ -179,16 +179,7 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
         warnings.warn(message, stacklevel=2)
     options.setdefault("fusion", "off" if not oof.image else "fit" if labels["cell_truth"].all() else "paper")
     options.setdefault("aggregation", "hierarchical")
-    noise = fold_noise(oof, validation) if validation is not None else None
-    if noise is not None and noise.n_pairs >= MIN_PAIRS:
-        oof = served_form(oof, noise)
-    else:
-        why = (f"only {noise.n_pairs} cells have a second network's prediction (need {MIN_PAIRS}; a larger "
-               "train.val_fraction gives more)" if noise is not None else
-               "no validation predictions of the jobs beside the OOF tables (train with this version to have them)")
-        warnings.warn(f"{why}: selection sees one network per cell, while serving averages the fold networks",
-                      stacklevel=2)
-        noise = None
+    oof, noise = as_served(oof, validation)
     spec = select_ensemble(oof, labels, **options)
     tags = {tracking.TAG_KIND: "select", **({tracking.TAG_PARENT: parent_run_id} if parent_run_id else {})}
     tracking.client(tracking_uri)

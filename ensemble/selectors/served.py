@@ -24,6 +24,7 @@ The image stream of DSA models is left as it is (fusion alone reads it).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -145,3 +146,17 @@ def served_form(oof: OOFSet, noise: FoldNoise) -> OOFSet:
         for i, m in enumerate(oof.models):
             cell[m][c] = np.clip(served[i], 0, 1)
     return replace(oof, cell=cell)
+
+
+def as_served(oof: OOFSet, validation: Mapping[str, pd.DataFrame] | None) -> tuple[OOFSet, FoldNoise | None]:
+    """What selection scores: the served form where ``validation`` gives ``MIN_PAIRS`` cells or more,
+    else the OOF as it is, with a warning that says why; and the noise used (None for the OOF)."""
+    noise = fold_noise(oof, validation) if validation is not None else None
+    if noise is not None and noise.n_pairs >= MIN_PAIRS:
+        return served_form(oof, noise), noise
+    why = (f"only {noise.n_pairs} cells have a second network's prediction (need {MIN_PAIRS}; a larger "
+           "train.val_fraction gives more)" if noise is not None else
+           "no validation predictions of the jobs beside the OOF tables (train with this version to have them)")
+    warnings.warn(f"{why}: selection sees one network per cell, while serving averages the fold networks",
+                  stacklevel=3)
+    return oof, None

@@ -362,6 +362,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if job.validation_path:
             # A second out-of-sample network for these cells (beside their own fold's): what
             # selection estimates the fold networks' disagreement from (selectors/served.py).
+            # Predicted again rather than kept from the best epoch, so a checkpoint holds no table.
             validation = predict_rows(bare, store, val_rows, spec, device, workers=workers)
             write_parquet(validation.assign(network=job.fold), job.validation_path)
     return summary
