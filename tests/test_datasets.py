@@ -273,14 +273,23 @@ def test_remote_stream_reads_windows_not_cells_and_the_shard_cache_reads_the_buc
         # least a batch).
         assert before >= len(store) and requests <= 2 * len(shards) + len(stream) * len(shards) < before / 3
 
+        # A disk without room (all of it to be kept free) declines the cache: range reads, nothing written.
+        full = tmp_path / "full"
+        declined = CellStream(CellDataset(CellStore(url, shard_cache=full, cache_free_fraction=0.999999)),
+                              batch_size=8, drop_last=False, block_cells=12, window_cells=24)
+        ranged, requests, _ = _served(server, lambda: _epoch(declined, 0, workers=2))
+        assert requests > 2 * len(shards) and not list(full.glob("*/*.npy"))
+
+        # No share kept free here: whether the cache is used must not depend on this machine's disk.
         cache = tmp_path / "cache"
-        cached = CellStream(CellDataset(CellStore(url, shard_cache=cache)), batch_size=8, drop_last=False)
+        cached = CellStream(CellDataset(CellStore(url, shard_cache=cache, cache_free_fraction=0)),
+                            batch_size=8, drop_last=False)
         first, requests, sent = _served(server, lambda: _epoch(cached, 0, workers=2))
         # Each shard once (a size and a download), though both workers wanted it.
         assert sent == sum(p.stat().st_size for p in shards) and requests == 2 * len(shards)
         second, requests, _ = _served(server, lambda: _epoch(cached, 1, workers=2))
         assert requests == 0
-        for batch in first + second:
+        for batch in ranged + first + second:
             np.testing.assert_array_equal(batch["image"][0].numpy(), local[int(batch["index"][0])]["image"].numpy())
     (folder,) = cache.iterdir()
     assert sorted(p.name for p in folder.glob("*.npy")) == [p.name for p in shards]

@@ -109,7 +109,7 @@ class CellStore:
     ones) and the handles are not pickled, so each DataLoader worker opens its own.
 
     With ``shard_cache``, a remote store's shards are downloaded whole, once per node, into that
-    local folder where its disk has room (:data:`CACHE_FREE_FRACTION` kept free), and read from
+    local folder where its disk has room (``cache_free_fraction`` of it kept free), and read from
     there memory-mapped: a job then reads the bucket once, not once per epoch, and the jobs on a
     node share the copies. Shards never change once a store is built; the folder is named after
     the store's URI and its ``meta.json``, so a rebuilt store gets a folder of its own.
@@ -121,9 +121,15 @@ class CellStore:
     shard_cache : str, optional
         Local folder for a remote store's shards (e.g. :func:`default_shard_cache`); ignored for
         a local store.
+    cache_free_fraction : float, default :data:`CACHE_FREE_FRACTION`
+        Share of the cache's disk a download must leave free; a shard that does not fit is read
+        from the bucket by ranges instead.
     """
 
-    def __init__(self, uri: str | Path, shard_cache: str | Path | None = None):
+    def __init__(self, uri: str | Path, shard_cache: str | Path | None = None,
+                 cache_free_fraction: float = CACHE_FREE_FRACTION):
+        if not 0 <= cache_free_fraction < 1:
+            raise ValueError(f"cache_free_fraction must be in [0, 1), got {cache_free_fraction}")
         self.uri = str(uri)
         self._fs, self._path = fsspec.core.url_to_fs(self.uri)
         if not self._fs.exists(f"{self._path}/cells.parquet"):
@@ -131,6 +137,7 @@ class CellStore:
         meta = self._fs.cat_file(f"{self._path}/meta.json")
         self.meta = read_meta(meta)
         self._cache: Path | None = None
+        self._cache_free_fraction = cache_free_fraction
         if shard_cache is not None and not isinstance(self._fs, LocalFileSystem):
             self._cache = Path(shard_cache) / hashlib.sha1(self.uri.encode() + meta).hexdigest()[:16]
         self._table: pa.Table | None = None
@@ -246,7 +253,7 @@ class CellStore:
                 return str(target)
             remote = shard_path(self._path, shard)
             disk = shutil.disk_usage(self._cache)
-            if disk.free - self._fs.size(remote) < CACHE_FREE_FRACTION * disk.total:
+            if disk.free - self._fs.size(remote) < self._cache_free_fraction * disk.total:
                 return None
             temporary = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
             try:
