@@ -149,7 +149,8 @@ def store_labels(store: CellStore) -> pd.DataFrame:
 
 def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id: str,
                 tracking_uri: str | None = None, parent_run_id: str | None = None, *, strict: bool = False,
-                validation: Mapping[str, pd.DataFrame] | None = None, **options) -> EnsembleSpec:
+                validation: Mapping[str, pd.DataFrame] | None = None, copy: bool = True,
+                **options) -> EnsembleSpec:
     """``select_ensemble`` on OOF tables (:func:`load_oof_dir`, :func:`load_oof_mlflow`), scored
     against the store's labels.
 
@@ -164,7 +165,8 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
     With the jobs' ``validation`` predictions (:func:`~ensemble.selectors.served.load_validation_dir`)
     selection sees each cell as serving predicts it, by the average of the fold networks
     (:mod:`ensemble.selectors.served`); without them, by the one network of the OOF, and a warning
-    says so.
+    says so. ``copy=False`` writes that served form into ``oof``'s arrays rather than beside them
+    (a large OOF is then not held twice).
     """
     store = open_store(store)
     labels = store_labels(store)
@@ -179,7 +181,7 @@ def select_step(oof: OOFSet, store: CellStore | str, out_dir: str, experiment_id
         warnings.warn(message, stacklevel=2)
     options.setdefault("fusion", "off" if not oof.image else "fit" if labels["cell_truth"].all() else "paper")
     options.setdefault("aggregation", "hierarchical")
-    oof, noise = as_served(oof, validation)
+    oof, noise = as_served(oof, validation, copy=copy)
     spec = select_ensemble(oof, labels, **options)
     tags = {tracking.TAG_KIND: "select", **({tracking.TAG_PARENT: parent_run_id} if parent_run_id else {})}
     tracking.client(tracking_uri)
@@ -329,9 +331,10 @@ def train_all(zoo: str | Zoo, data: str, workdir: str, *, experiment: str | None
         # The zoo's own models: the workdir may hold tables of models an earlier zoo trained.
         models = [m.name for m in zoo.models]
         oof = load_oof_dir(join(workdir, "oof"), models=models)
+        # copy=False: from here on ``oof`` is the served form selection scored, also for the VID.
         ensemble = select_step(oof, store, join(workdir, "ensemble"), training.experiment_id,
                                tracking_uri, training.parent_run_id,
-                               validation=load_validation_dir(join(workdir, "oof"), models))
+                               validation=load_validation_dir(join(workdir, "oof"), models), copy=False)
         if zoo.integrity.enabled:
             integrity = integrity_step(zoo, workdir, ensemble, oof, store)
             client = tracking.client(tracking_uri)

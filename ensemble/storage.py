@@ -136,5 +136,6 @@ def write_parquet(table: pd.DataFrame, uri: str) -> None:
     write_bytes(buffer.getvalue(), uri)
 
 
-def read_parquet(uri: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+def read_parquet(uri: str, **options) -> pd.DataFrame:
+    """A parquet file as a DataFrame; ``options`` (``columns``, ``filters``) go to ``pd.read_parquet``."""
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)), **options)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ensemble.oof import CELL_COLUMNS, NUM_CLASSES, OOFSet
-from ensemble.selectors.served import fold_noise, served_form
+from ensemble.selectors.served import fold_noise, load_validation_dir, served_form
 
 N_FOLDS, N_IMAGES, CELLS_PER_IMAGE = 3, 300, 4
 SPREAD = {"noisy": 0.08, "steady": 0.02}  # sd of one fold network's noise, per model
@@ -51,7 +51,8 @@ def test_fold_noise_is_measured_without_labels_from_two_networks_per_cell():
 
 def test_served_form_moves_each_cell_toward_the_average_of_the_fold_networks():
     oof, validation, served = simulated()
-    seen = served_form(oof, fold_noise(oof, validation))
+    noise = fold_noise(oof, validation)
+    seen = served_form(oof, noise)
     assert seen.models == oof.models and seen.index is oof.index
     for model in oof.models:
         before = np.mean((oof.cell[model] - served[model]) ** 2)
@@ -59,6 +60,28 @@ def test_served_form_moves_each_cell_toward_the_average_of_the_fold_networks():
         # The noisier network has more to take out; neither gets worse.
         assert after < (0.5 if model == "noisy" else 1.0) * before
         assert seen.cell[model].min() >= 0 and seen.cell[model].max() <= 1
+    # In place: the same numbers, in the OOF's own arrays.
+    arrays = dict(oof.cell)
+    in_place = served_form(oof, noise, copy=False)
+    for model in oof.models:
+        assert in_place.cell[model] is arrays[model] and oof.cell[model] is arrays[model]
+        np.testing.assert_array_equal(in_place.cell[model], seen.cell[model])
+
+
+def test_validation_is_read_for_a_sample_of_images_shared_by_every_model(tmp_path):
+    oof, validation, _ = simulated()
+    (tmp_path / "validation").mkdir()
+    for model, table in validation.items():
+        table.to_parquet(tmp_path / "validation" / f"{model}.parquet")
+    assert load_validation_dir(str(tmp_path), [*oof.models, "absent"]) is None
+    whole = load_validation_dir(str(tmp_path), oof.models)
+    assert all(len(whole[m]) == len(validation[m]) for m in oof.models)
+    sample = load_validation_dir(str(tmp_path), oof.models, max_cells=50)
+    images = [set(t["image_id"]) for t in sample.values()]
+    # Whole images, about 50 rows (the last image may cross it), the same images for every model.
+    assert images[0] == images[1] and 50 <= len(sample["noisy"]) < 50 + CELLS_PER_IMAGE
+    assert all(len(t) == CELLS_PER_IMAGE * len(i) for t, i in zip(sample.values(), images))
+    assert fold_noise(oof, sample).n_pairs == len(sample["noisy"])
 
 
 def test_fold_noise_refuses_a_missing_model_and_a_cell_predicted_by_its_own_fold():

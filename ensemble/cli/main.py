@@ -182,7 +182,8 @@ def cmd_select(args) -> int:
     if args.fusion:
         options["fusion"] = args.fusion
     spec = select_step(oof, _absolute(args.store), _absolute(args.out),
-                       tracking.ensure_experiment(experiment, uri), uri, validation=validation, **options)
+                       tracking.ensure_experiment(experiment, uri), uri, validation=validation, copy=False,
+                       **options)
     print(spec.report())
     print(f"ensemble spec and correlation plot -> {args.out}")
     return 0

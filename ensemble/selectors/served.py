@@ -36,6 +36,9 @@ from ensemble.storage import exists, join, read_parquet
 
 NETWORK = "network"  # a validation table's column: the fold whose job predicted the row
 MIN_PAIRS = 100      # cells with two out-of-sample predictions of every model below which selection does not use them
+# Validation rows read per model: a per-class covariance of 50 models is estimated to about 1 % from
+# this many cells, while the whole tables of a large zoo are as large as half its OOF.
+MAX_CELLS = 20_000
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,23 @@ class FoldNoise:
                 for i, m in enumerate(self.models)}
 
 
-def load_validation_dir(oof_dir: str, models: list[str]) -> dict[str, pd.DataFrame] | None:
+def load_validation_dir(oof_dir: str, models: list[str], max_cells: int = MAX_CELLS,
+                        seed: int = 0) -> dict[str, pd.DataFrame] | None:
     """The validation tables training assembled beside the OOF (``{oof_dir}/validation/{model}.parquet``),
-    or None where a model has none (jobs of an older version, OOF tables from elsewhere)."""
+    or None where a model has none (jobs of an older version, OOF tables from elsewhere).
+
+    Only the rows of a random sample of images, the same for every model, with about ``max_cells``
+    rows in the first model's table (all rows where it has fewer).
+    """
+    if max_cells < 1:
+        raise ValueError(f"max_cells must be positive, got {max_cells}")
     paths = {m: join(oof_dir, "validation", f"{m}.parquet") for m in models}
     if not all(exists(p) for p in paths.values()):
         return None
-    return {m: read_parquet(p) for m, p in paths.items()}
+    rows = read_parquet(paths[models[0]], columns=["image_id"])["image_id"].value_counts()
+    rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))]
+    images = rows.index[: int(np.searchsorted(rows.cumsum().to_numpy(), max_cells)) + 1].tolist()
+    return {m: read_parquet(p, filters=[("image_id", "in", images)]) for m, p in paths.items()}
 
 
 def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise:
@@ -92,7 +105,6 @@ def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise
     missing = [m for m in oof.models if m not in validation]
     if missing:
         raise ValueError(f"no validation predictions of {missing}")
-    position = pd.Series(np.arange(oof.n_cells), index=pd.MultiIndex.from_frame(oof.index[KEYS]))
     folds = oof.index["fold"].to_numpy()
     shared = None
     for name in oof.models:
@@ -101,6 +113,9 @@ def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise
     if not len(shared):
         raise ValueError("no cell has validation predictions of every model: their inner validation splits differ")
     pairs = shared.to_frame(index=False)
+    # OOF rows of the pairs' images only: indexing every cell of a large OOF costs seconds.
+    rows = np.flatnonzero(oof.index["image_id"].isin(pairs["image_id"].unique()).to_numpy())
+    position = pd.Series(rows, index=pd.MultiIndex.from_frame(oof.index.iloc[rows][KEYS]))
     at = position.reindex(pd.MultiIndex.from_frame(pairs[KEYS])).to_numpy()
     if np.isnan(at).any():
         raise ValueError("validation predictions of cells that are not in the OOF tables")
@@ -117,7 +132,7 @@ def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise
                      n_folds=int(np.unique(folds).size))
 
 
-def served_form(oof: OOFSet, noise: FoldNoise) -> OOFSet:
+def served_form(oof: OOFSet, noise: FoldNoise, copy: bool = True) -> OOFSet:
     """The OOF with each cell stream replaced by its served average's expectation (module docstring).
 
     Parameters
@@ -125,6 +140,9 @@ def served_form(oof: OOFSet, noise: FoldNoise) -> OOFSet:
     oof : OOFSet
     noise : FoldNoise
         Of the same models (:func:`fold_noise`).
+    copy : bool, default True
+        False writes the served form into ``oof``'s own cell arrays: a large OOF is not held twice,
+        and ``oof`` is then the served form too.
 
     Returns
     -------
@@ -134,26 +152,35 @@ def served_form(oof: OOFSet, noise: FoldNoise) -> OOFSet:
     if list(noise.models) != list(oof.models):
         raise ValueError(f"the noise is of {noise.models}, the OOF of {oof.models}")
     shrink = 1 - 1 / noise.n_folds
-    cell = {m: np.empty_like(oof.cell[m]) for m in oof.models}
+    cell = {m: np.empty_like(oof.cell[m]) for m in oof.models} if copy else oof.cell
+    # One class of every model at a time, in two buffers reused across classes: fresh arrays of a
+    # large OOF's size cost more in page faults than the arithmetic.
+    centred = np.empty((len(oof.models), oof.n_cells), np.float32)  # (n_models, n_cells)
+    served = np.empty_like(centred)
     for c in range(len(CELL_COLUMNS)):
-        f = np.stack([oof.cell[m][c] for m in oof.models])  # (n_models, n_cells)
-        centred = f - f.mean(axis=1, keepdims=True)
-        spread = (centred @ centred.T).astype(np.float64) / f.shape[1]
+        np.stack([oof.cell[m][c] for m in oof.models], out=centred)
+        mean = centred.mean(axis=1, keepdims=True)
+        centred -= mean
+        spread = (centred @ centred.T).astype(np.float64) / centred.shape[1]
         # A ridge of the spread's scale keeps a model that predicts one value everywhere solvable.
         ridge = 1e-6 * max(np.trace(spread) / len(spread), 1e-12) * np.eye(len(spread))
         regression = shrink * noise.covariance[c] @ np.linalg.inv(spread + ridge)  # (n_models, n_models)
-        served = f - regression.astype(np.float32) @ centred
+        # f - R (f - mu) = (I - R)(f - mu) + mu: one product, no further copy of the class.
+        np.matmul((np.eye(len(spread)) - regression).astype(np.float32), centred, out=served)
+        served += mean
         for i, m in enumerate(oof.models):
-            cell[m][c] = np.clip(served[i], 0, 1)
+            np.clip(served[i], 0, 1, out=cell[m][c])
     return replace(oof, cell=cell)
 
 
-def as_served(oof: OOFSet, validation: Mapping[str, pd.DataFrame] | None) -> tuple[OOFSet, FoldNoise | None]:
-    """What selection scores: the served form where ``validation`` gives ``MIN_PAIRS`` cells or more,
-    else the OOF as it is, with a warning that says why; and the noise used (None for the OOF)."""
+def as_served(oof: OOFSet, validation: Mapping[str, pd.DataFrame] | None,
+              copy: bool = True) -> tuple[OOFSet, FoldNoise | None]:
+    """What selection scores: the served form (:func:`served_form`, with ``copy``) where ``validation``
+    gives ``MIN_PAIRS`` cells or more, else the OOF as it is, with a warning that says why; and the
+    noise used (None for the OOF)."""
     noise = fold_noise(oof, validation) if validation is not None else None
     if noise is not None and noise.n_pairs >= MIN_PAIRS:
-        return served_form(oof, noise), noise
+        return served_form(oof, noise, copy=copy), noise
     why = (f"only {noise.n_pairs} cells have a second network's prediction (need {MIN_PAIRS}; a larger "
            "train.val_fraction gives more)" if noise is not None else
            "no validation predictions of the jobs beside the OOF tables (train with this version to have them)")
