@@ -44,6 +44,7 @@ LABEL_COLUMNS = [f"label_{k}" for k in range(NUM_CLASSES)]
 TAG_KEYS = (TAG_HEAD, TAG_BACKBONE, TAG_FAMILY)
 
 OOF_ARTIFACT = "oof/oof.parquet"
+VALIDATION_ARTIFACT = "oof/validation.parquet"  # an outer-fold job's predictions of its inner validation split
 """Where a (model, fold) training run logs its part of the model's OOF table."""
 
 
@@ -272,7 +273,7 @@ def load_oof_mlflow(experiment_name: str, tracking_uri: str | None = None) -> OO
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"no MLflow experiment named {experiment_name!r}")
-    runs = _latest_oof_runs(client, experiment.experiment_id)
+    runs = latest_oof_runs(client, experiment.experiment_id)
     if not runs:
         raise ValueError(
             f"experiment {experiment_name!r} has no finished run with a {TAG_MODEL!r} tag and {OOF_ARTIFACT}"
@@ -281,7 +282,7 @@ def load_oof_mlflow(experiment_name: str, tracking_uri: str | None = None) -> OO
     return OOFSet.from_frames({m: partial(_read_oof_parts, parts, tracking_uri) for m, parts in runs.items()}, tags)
 
 
-def _latest_oof_runs(client: MlflowClient, experiment_id: str) -> dict[str, list]:
+def latest_oof_runs(client: MlflowClient, experiment_id: str) -> dict[str, list]:
     """Model -> its finished runs holding an OOF part, the latest one per fold."""
     latest: dict[tuple[str, str], object] = {}
     token = None

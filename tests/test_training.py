@@ -20,7 +20,7 @@ from ensemble.models import build_model
 from ensemble.serving.model import load_ensemble
 from ensemble.selectors import EnsembleSpec, load_oof_dir
 from ensemble.storage import read_parquet
-from ensemble.selectors.served import load_validation_dir
+from ensemble.selectors.served import load_validation_dir, load_validation_mlflow
 from ensemble.trainers.fit import RunContext, fit_job, oof_uri, trainer_for, validation_uri
 from ensemble.oof import CELL_COLUMNS, IMAGE_COLUMNS
 from ensemble.pipeline import relabel_step, select_step, sweep_step, train_all
@@ -126,6 +126,13 @@ def test_train_zoo_trains_every_model_and_fold(tmp_path, store, tiny_zoo_file, m
             _, rows, _ = loop.job_rows(cells, fold, zoo.model(model).train)
             assert sorted(map(tuple, table.loc[table["network"] == fold, ["image_id", "cell_id"]].to_numpy())) == \
                 sorted(map(tuple, cells.cells.iloc[rows][["image_id", "cell_id"]].to_numpy()))
+    # The jobs' MLflow runs hold the same tables, for selection from an experiment (`select --experiment`).
+    experiment = tracking.client(uri).get_experiment(result.experiment_id).name
+    logged = load_validation_mlflow(experiment, ["cla_tiny", "dsa_tiny"], uri)
+    keys = ["network", "image_id", "cell_id"]
+    for model, table in validation.items():
+        pd.testing.assert_frame_equal(logged[model].sort_values(keys, ignore_index=True),
+                                      table.sort_values(keys, ignore_index=True))
     spec = select_step(load_oof_dir(oof_dir), store, str(tmp_path / "ensemble"), result.experiment_id, uri,
                        result.parent_run_id, validation=validation, nested=False, greedy=False)
     assert sorted(spec.models) == ["cla_tiny", "dsa_tiny"] and spec.members

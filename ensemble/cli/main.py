@@ -171,10 +171,14 @@ def cmd_select(args) -> int:
         tracking.client(uri, create=False)  # a server that answers, a database that exists: before reading
     from ensemble.oof import load_oof_dir, load_oof_mlflow
     from ensemble.pipeline import select_step  # seconds of imports, after the checks
-    from ensemble.selectors.served import load_validation_dir
+    from ensemble.selectors.served import load_validation_dir, load_validation_mlflow
 
-    oof = load_oof_dir(args.oof_dir) if args.oof_dir else load_oof_mlflow(args.experiment, uri)
-    validation = load_validation_dir(args.oof_dir, oof.models) if args.oof_dir else None
+    if args.oof_dir:
+        oof = load_oof_dir(args.oof_dir)
+        validation = load_validation_dir(args.oof_dir, oof.models)
+    else:
+        oof = load_oof_mlflow(args.experiment, uri)
+        validation = load_validation_mlflow(args.experiment, oof.models, uri)
     experiment = args.experiment or "select"
     options = {"nested": not args.no_nested, "threshold": args.threshold, "correlation": args.correlation,
                "prune": not args.no_prune, "blocks_by_kind": not args.blocks_across_kinds, "strict": args.strict,

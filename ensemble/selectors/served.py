@@ -24,14 +24,18 @@ The image stream of DSA models is left as it is (fusion alone reads it).
 
 from __future__ import annotations
 
+import posixpath
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 
-from ensemble.oof import CELL_COLUMNS, KEYS, OOFSet
+from ensemble.oof import CELL_COLUMNS, KEYS, VALIDATION_ARTIFACT, OOFSet, latest_oof_runs
 from ensemble.storage import exists, join, read_parquet
 
 NETWORK = "network"  # a validation table's column: the fold whose job predicted the row
@@ -74,15 +78,44 @@ def load_validation_dir(oof_dir: str, models: list[str], max_cells: int = MAX_CE
     Only the rows of a random sample of images, the same for every model, with about ``max_cells``
     rows in the first model's table (all rows where it has fewer).
     """
+    paths = {m: [join(oof_dir, "validation", f"{m}.parquet")] for m in models}
+    if not all(exists(p) for parts in paths.values() for p in parts):
+        return None
+    return _read_sample(paths, max_cells, seed)
+
+
+def load_validation_mlflow(experiment_name: str, models: list[str], tracking_uri: str | None = None,
+                           max_cells: int = MAX_CELLS, seed: int = 0) -> dict[str, pd.DataFrame] | None:
+    """:func:`load_validation_dir` for OOF tables read from MLflow (:func:`~ensemble.oof.load_oof_mlflow`):
+    the validation artifact of each model's latest run per fold, or None where a run has none."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = latest_oof_runs(client, experiment.experiment_id) if experiment is not None else {}
+    if any(m not in runs for m in models):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for model in models:
+            for run in runs[model]:
+                listed = client.list_artifacts(run.info.run_id, posixpath.dirname(VALIDATION_ARTIFACT))
+                if not any(a.path == VALIDATION_ARTIFACT for a in listed):
+                    return None
+                paths.setdefault(model, []).append(download_artifacts(
+                    run_id=run.info.run_id, artifact_path=VALIDATION_ARTIFACT, dst_path=f"{tmp}/{run.info.run_id}",
+                    tracking_uri=tracking_uri))
+        return _read_sample(paths, max_cells, seed)
+
+
+def _read_sample(paths: Mapping[str, list[str]], max_cells: int, seed: int) -> dict[str, pd.DataFrame]:
+    """Each model's rows (from its parts) of a random sample of images chosen on the first model's."""
     if max_cells < 1:
         raise ValueError(f"max_cells must be positive, got {max_cells}")
-    paths = {m: join(oof_dir, "validation", f"{m}.parquet") for m in models}
-    if not all(exists(p) for p in paths.values()):
-        return None
-    rows = read_parquet(paths[models[0]], columns=["image_id"])["image_id"].value_counts()
+    first = next(iter(paths.values()))
+    rows = pd.concat([read_parquet(p, columns=["image_id"]) for p in first])["image_id"].value_counts()
     rows = rows.iloc[np.random.default_rng(seed).permutation(len(rows))]
     images = rows.index[: int(np.searchsorted(rows.cumsum().to_numpy(), max_cells)) + 1].tolist()
-    return {m: read_parquet(p, filters=[("image_id", "in", images)]) for m, p in paths.items()}
+    return {m: pd.concat([read_parquet(p, filters=[("image_id", "in", images)]) for p in parts], ignore_index=True)
+            for m, parts in paths.items()}
 
 
 def fold_noise(oof: OOFSet, validation: Mapping[str, pd.DataFrame]) -> FoldNoise:
@@ -183,7 +216,7 @@ def as_served(oof: OOFSet, validation: Mapping[str, pd.DataFrame] | None,
         return served_form(oof, noise, copy=copy), noise
     why = (f"only {noise.n_pairs} cells have a second network's prediction (need {MIN_PAIRS}; a larger "
            "train.val_fraction gives more)" if noise is not None else
-           "no validation predictions of the jobs beside the OOF tables (train with this version to have them)")
+           "no validation predictions of the jobs with the OOF tables (train with this version to have them)")
     warnings.warn(f"{why}: selection sees one network per cell, while serving averages the fold networks",
                   stacklevel=3)
     return oof, None

@@ -162,6 +162,10 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext, without: tuple[int, ...
             oof = Path(tmp) / "oof.parquet"
             oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold, without)))
             client.log_artifact(run_id, str(oof), artifact_path="oof")
+            if not without:  # an outer-fold job also predicted its inner validation split
+                validation = Path(tmp) / "validation.parquet"
+                validation.write_bytes(read_bytes(validation_uri(ctx.workdir, spec.name, fold)))
+                client.log_artifact(run_id, str(validation), artifact_path="oof")
             client.log_artifact(run_id, training_curves(summary["history"], Path(tmp) / "curves.png",
                                                         title=name))
             with result.checkpoint.as_directory() as directory:
