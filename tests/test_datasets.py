@@ -1,5 +1,6 @@
 """Datasets over the cell store (single cells, bags, the training stream) and crop augmentation."""
 
+import gc
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from ensemble.data.augment import build_augment
 from ensemble.data.store import CellStore
 from ensemble.data.store_build import prepare
-from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChunks, make_loader
+from ensemble.data.datasets import BagDataset, CellDataset, CellStream, ImageChunks, make_loader, worker_init
 from ensemble.sim.images import simulate
 
 
@@ -293,6 +294,26 @@ def test_remote_stream_reads_windows_not_cells_and_the_shard_cache_reads_the_buc
             np.testing.assert_array_equal(batch["image"][0].numpy(), local[int(batch["index"][0])]["image"].numpy())
     (folder,) = cache.iterdir()
     assert sorted(p.name for p in folder.glob("*.npy")) == [p.name for p in shards]
+
+
+def _worker_init_then_collect(worker_id: int) -> None:
+    worker_init(worker_id)
+    gc.collect()  # what a worker's allocations bring about sooner or later: what it no longer references is freed
+
+
+def test_the_parent_reads_a_remote_store_on_after_its_loader_workers_are_gone(store, monkeypatch):
+    """A forked worker must not close the parent's kept-alive connections: closing them there takes
+    their sockets out of the event loop's epoll, which the fork shares, and the parent's next read
+    then waits for an answer it is never told of."""
+    import aiohttp
+    import fsspec
+
+    monkeypatch.setitem(fsspec.config.conf, "http", {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=20)}})
+    with _range_server()(Path(store.uri).parent, delay_ms=1) as server:
+        url = f"{server.url}/{Path(store.uri).name}"
+        loader = DataLoader(CellDataset(url), batch_size=8, num_workers=2, worker_init_fn=_worker_init_then_collect)
+        assert sum(len(batch["index"]) for batch in loader) == len(store)
+        np.testing.assert_array_equal(CellDataset(url)[0]["image"].numpy(), CellDataset(store)[0]["image"].numpy())
 
 
 def test_training_input_equals_what_serving_cuts_after_the_same_scaling(store, dataset):

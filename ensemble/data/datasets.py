@@ -426,12 +426,17 @@ def worker_init(worker_id: int) -> None:
 
     A forked worker holds its parent's store, whose fsspec filesystem (for a remote store) refuses
     to run in another process. A pickled copy has no handles (``CellStore`` drops them) and a new
-    filesystem (fsspec makes one per process), so the worker opens its own. Albumentations draws
-    from a generator seeded when the pipeline was built, which every forked worker would repeat:
-    each worker reseeds it from its own torch seed.
+    filesystem (fsspec makes one per process), so the worker opens its own. The parent's store
+    stays referenced, never used: freed here, its filesystem's finalizer would close the parent's
+    kept-alive connections, which takes their sockets out of the event loop's epoll instance that
+    the fork shares, and the parent's next request on one would wait for ever. A worker ends with
+    ``os._exit``, so that finalizer never runs. Albumentations draws from a generator seeded when
+    the pipeline was built, which every forked worker would repeat: each worker reseeds it from its
+    own torch seed.
     """
     info = get_worker_info()
     dataset = info.dataset.dataset if isinstance(info.dataset, CellStream) else info.dataset
+    dataset.parent_store = dataset.store
     dataset.store = dataset._crops.store = pickle.loads(pickle.dumps(dataset.store))
     transform = getattr(dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
