@@ -44,8 +44,9 @@ LABEL_COLUMNS = [f"label_{k}" for k in range(NUM_CLASSES)]
 TAG_KEYS = (TAG_HEAD, TAG_BACKBONE, TAG_FAMILY)
 
 OOF_ARTIFACT = "oof/oof.parquet"
-VALIDATION_ARTIFACT = "oof/validation.parquet"  # an outer-fold job's predictions of its inner validation split
 """Where a (model, fold) training run logs its part of the model's OOF table."""
+VALIDATION_ARTIFACT = "oof/validation.parquet"
+"""Where an outer-fold training run logs its predictions of its inner validation split."""
 
 
 

@@ -159,13 +159,12 @@ def fit_job(spec: ModelSpec, fold: int, ctx: RunContext, without: tuple[int, ...
                                           for k in ("best_val_map", "best_epoch", "epochs", *OOF_METRICS)
                                           if k in summary])
         with tempfile.TemporaryDirectory() as tmp:
-            oof = Path(tmp) / "oof.parquet"
-            oof.write_bytes(read_bytes(oof_uri(ctx.workdir, spec.name, fold, without)))
-            client.log_artifact(run_id, str(oof), artifact_path="oof")
+            tables = {"oof.parquet": oof_uri(ctx.workdir, spec.name, fold, without)}
             if not without:  # an outer-fold job also predicted its inner validation split
-                validation = Path(tmp) / "validation.parquet"
-                validation.write_bytes(read_bytes(validation_uri(ctx.workdir, spec.name, fold)))
-                client.log_artifact(run_id, str(validation), artifact_path="oof")
+                tables["validation.parquet"] = validation_uri(ctx.workdir, spec.name, fold)
+            for file, uri in tables.items():
+                (Path(tmp) / file).write_bytes(read_bytes(uri))
+                client.log_artifact(run_id, str(Path(tmp) / file), artifact_path="oof")
             client.log_artifact(run_id, training_curves(summary["history"], Path(tmp) / "curves.png",
                                                         title=name))
             with result.checkpoint.as_directory() as directory:
